@@ -1,0 +1,70 @@
+"""Every exception lightweight_ckpt raises on purpose.
+
+```
+CheckpointError                         base of everything we raise on purpose
+├── CheckpointNotFoundError             also FileNotFoundError
+├── InvalidCheckpointError              also ValueError: not a checkpoint / unknown layout
+│   ├── CorruptCheckpointError          truncated, checksum mismatch, unreadable metadata
+│   └── UnsafeCheckpointError           needs weights_only=False (a pickle of arbitrary objects)
+├── StateMismatchError                  also ValueError: shapes/dtypes/keys do not fit the target
+├── MissingKeysError                    also KeyError: strict load, requested keys absent
+└── CheckpointWriteError                also OSError: write/commit failed; previous one intact
+```
+
+Each error also subclasses the builtin it means, so ``except KeyError`` and friends keep working.
+Messages read ``"<path>: <problem>. <remedy>"`` and list every offending key, sorted.
+"""
+
+from __future__ import annotations
+
+
+class CheckpointError(Exception):
+    """Base class of every error lightweight_ckpt raises on purpose."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """Nothing (committed) exists at the path."""
+
+
+class InvalidCheckpointError(CheckpointError, ValueError):
+    """The path holds something that is not a checkpoint this library can read."""
+
+
+class CorruptCheckpointError(InvalidCheckpointError):
+    """The checkpoint is damaged: truncated, a checksum mismatch, or unreadable metadata."""
+
+
+class UnsafeCheckpointError(InvalidCheckpointError):
+    """The checkpoint holds pickled objects that ``weights_only=True`` refuses to load."""
+
+
+class StateMismatchError(CheckpointError, ValueError):
+    """The checkpoint does not fit the objects it is loaded into (keys, shapes, structure)."""
+
+
+class MissingKeysError(CheckpointError, KeyError):
+    """A strict load asked for keys that the checkpoint does not hold."""
+
+    def __str__(self) -> str:
+        # KeyError.__str__ quotes its argument; we want the message as written.
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """Writing or committing a checkpoint failed; the previous checkpoint at the path is intact."""
+
+    def __str__(self) -> str:
+        # OSError.__str__ formats (errno, strerror) pairs; we want the message as written.
+        return str(self.args[0]) if self.args else ""
+
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CheckpointWriteError",
+    "CorruptCheckpointError",
+    "InvalidCheckpointError",
+    "MissingKeysError",
+    "StateMismatchError",
+    "UnsafeCheckpointError",
+]

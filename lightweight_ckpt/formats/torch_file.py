@@ -1,0 +1,291 @@
+"""The single-file format: a stock ``torch.save`` zip archive, written streaming, read verified.
+
+Writing streams ``torch.save`` into the sink ``storage.staged_write`` hands us: records go
+straight from tensor memory to the file, never through a whole-checkpoint buffer. The result is
+what ``torch.load(path, weights_only=True)`` opens, with no trace of this library.
+
+Reading is two-phase so that a load is all-or-nothing and needs no extra memory:
+
+1. ``TorchFileReader.skeleton()`` reads the index and ``data.pkl`` (verified) and unpickles the
+   object tree with storages that are not yet read: on local disk, views of a private memory map
+   (like ``torch.load(mmap=True)``); elsewhere, allocated but unfilled.
+2. ``materialize(bindings)`` verifies the CRC32 of every record first, then fills: local data is
+   already mapped; *bound* tensors (the caller's parameters and optimizer moments, see
+   ``state.Binding``) are read straight into their target; other storages are read from the
+   source. Only after every check passed is any target written.
+
+Files that are not plain zip checkpoints of tensors (pre-1.6 pickles, TorchScript archives, other
+byte orders, a ``map_location`` other than the CPU) take ``torch.load`` itself, after the same
+CRC checks where the format has them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import pickle
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
+
+import torch
+from torch import _weights_only_unpickler
+
+from lightweight_ckpt.config import settings
+from lightweight_ckpt.errors import CorruptCheckpointError, UnsafeCheckpointError
+from lightweight_ckpt.formats.zip_records import (
+    LEGACY_MAGIC,
+    Record,
+    check_crc,
+    crc32,
+    crc_of_map,
+    crc_of_source,
+    read_index,
+)
+from lightweight_ckpt.state import iter_tensors
+from lightweight_ckpt.storage import Sink, Source, SourceFile
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
+
+    from lightweight_ckpt.types import MapLocation
+
+_BOUNCE_BYTES = 8 * 1024 * 1024
+_T = TypeVar("_T")
+
+
+def write(checkpoint: Any, sink: Sink) -> None:
+    """Serialize ``checkpoint`` into ``sink`` as a torch zip archive, record by record."""
+    torch.save(checkpoint, cast("IO[bytes]", sink))
+
+
+def byte_view(storage: torch.UntypedStorage) -> memoryview:
+    """Return a writable memoryview of a CPU storage's bytes (no copy, no numpy needed)."""
+    array = (ctypes.c_ubyte * storage.nbytes()).from_address(storage.data_ptr())
+    return memoryview(array).cast("B")
+
+
+def _weights_only_error(url: str, err: Exception) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"{url}: weights_only=True refuses an object in this checkpoint ({err}). If you trust "
+        "the file, pass weights_only=False (a pickle can run arbitrary code), or allow the "
+        "type with torch.serialization.add_safe_globals([...])."
+    )
+
+
+class _FullUnpickler(pickle.Unpickler):
+    """``weights_only=False``: any global, with torch.load's renames for old storage classes."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if "Storage" in name:
+            try:
+                return torch.serialization.StorageType(name)  # type: ignore[no-untyped-call]
+            except KeyError:
+                pass
+        module = "torch._tensor" if module == "torch.tensor" else module
+        return super().find_class(module, name)
+
+
+class TorchFileReader:
+    """Read one torch zip checkpoint in two phases: ``skeleton()`` then ``materialize()``."""
+
+    def __init__(self, source: Source, weights_only: bool, map_location: MapLocation) -> None:
+        self.source = source
+        self.weights_only = weights_only
+        self.map_location = map_location
+        self._records: dict[str, Record] = {}
+        self._prefix = ""
+        self._mapped: Any = None  # mmap.mmap for local files
+        self._whole: torch.UntypedStorage | None = None
+        self._storages: dict[str, torch.UntypedStorage] = {}
+        self._record_by_ptr: dict[int, Record] = {}
+        self._tree: Any = None
+
+    def skeleton(self) -> Any:
+        """Return the checkpoint's object tree; tensor data is not read (or checked) yet."""
+        if self.source.read_at(0, len(LEGACY_MAGIC)) == LEGACY_MAGIC:
+            return self._eager()
+        self._records = read_index(self.source)
+        pickle_name = next((n for n in self._records if n.endswith("/data.pkl")), None)
+        if pickle_name is None:
+            raise CorruptCheckpointError(f"{self.source.url}: no data.pkl record: not a checkpoint")
+        self._prefix = pickle_name[: -len("data.pkl")]
+        if self._needs_eager():
+            self._verify_all()
+            return self._eager()
+        self._mapped = self.source.map()
+        self._tree = self._unpickle(self._read_record(pickle_name))
+        return self._tree
+
+    def _needs_eager(self) -> bool:
+        byteorder = self._records.get(self._prefix + "byteorder")
+        is_foreign = (
+            byteorder is not None and self._read_record(byteorder.name) != sys.byteorder.encode()
+        )
+        is_script = self._prefix + "constants.pkl" in self._records
+        on_cpu = self.map_location is None or str(self.map_location) == "cpu"
+        return is_foreign or is_script or not on_cpu
+
+    def _read_record(self, name: str) -> bytes:
+        record = self._records[name]
+        data = self.source.read_at(record.offset, record.size)
+        check_crc(self.source.url, record, crc32(data, 0))
+        return data
+
+    def _unpickle(self, data: bytes) -> Any:
+        stream = io.BytesIO(data)
+        unpickler: Any
+        if self.weights_only:
+            unpickler = _weights_only_unpickler.Unpickler(stream, encoding="utf-8")
+        else:
+            unpickler = _FullUnpickler(stream, encoding="utf-8")
+        unpickler.persistent_load = self._persistent_load
+        try:
+            return unpickler.load()
+        except pickle.UnpicklingError as err:
+            if self.weights_only:
+                raise _weights_only_error(self.source.url, err) from err
+            raise CorruptCheckpointError(
+                f"{self.source.url}: data.pkl is unreadable: {err}"
+            ) from err
+
+    def _persistent_load(self, saved_id: tuple[Any, ...]) -> torch.storage.TypedStorage:
+        typename, storage_type, key, _location, numel = saved_id
+        if typename not in ("storage", b"storage"):
+            raise CorruptCheckpointError(f"{self.source.url}: unknown persistent id {typename!r}")
+        dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+        key = key.decode() if isinstance(key, bytes) else str(key)
+        if key not in self._storages:
+            self._storages[key] = self._new_storage(key, numel * dtype.itemsize)
+        return torch.storage.TypedStorage(  # type: ignore[no-untyped-call]
+            wrap_storage=self._storages[key], dtype=dtype, _internal=True
+        )
+
+    def _new_storage(self, key: str, nbytes: int) -> torch.UntypedStorage:
+        record = self._records.get(f"{self._prefix}data/{key}")
+        if record is None or record.size != nbytes:
+            raise CorruptCheckpointError(
+                f"{self.source.url}: storage {key} is missing or has the wrong size"
+            )
+        if self._mapped is not None and nbytes:
+            if self._whole is None:
+                self._whole = torch.frombuffer(self._mapped, dtype=torch.uint8).untyped_storage()
+            storage = self._whole[record.offset : record.offset + nbytes]
+        else:
+            storage = torch.UntypedStorage(nbytes)  # type: ignore[no-untyped-call]
+        if nbytes:
+            self._record_by_ptr[storage.data_ptr()] = record
+        return cast("torch.UntypedStorage", storage)
+
+    def materialize(self, bindings: Mapping[int, torch.Tensor]) -> set[int]:
+        """Verify every record, then fill the tree's storages and the bound targets.
+
+        ``bindings`` maps ``id(tensor in the skeleton)`` to a target tensor of the same shape and
+        dtype. Returns the ids whose data went into their target; those skeleton tensors are
+        left unread and must be replaced by the caller. Both passes run on ``io_threads``
+        threads (CRC32 and ``preadv`` release the GIL), largest records first.
+
+        Raises:
+            CorruptCheckpointError: a record's CRC32 does not match; nothing has been written.
+        """
+        if self._tree is None:
+            return set()
+        chosen = self._bindable(bindings)
+        self._verify_all(self._names_by_record(), release={r.name for r, _ in chosen.values()})
+        copies = sorted(chosen.values(), key=lambda pair: -pair[0].size)
+        _parallel(
+            lambda pair: self.source.readinto_at(
+                pair[0].offset, byte_view(pair[1].untyped_storage())
+            ),
+            copies,
+        )
+        return set(chosen)
+
+    def _names_by_record(self) -> dict[str, str]:
+        names: dict[str, str] = {}
+        for name, tensor in iter_tensors(self._tree):
+            record = self._record_of(tensor)
+            if record is not None:
+                names.setdefault(record.name, name)
+        return names
+
+    def _record_of(self, tensor: torch.Tensor) -> Record | None:
+        return self._record_by_ptr.get(tensor.untyped_storage().data_ptr())
+
+    def _bindable(
+        self, bindings: Mapping[int, torch.Tensor]
+    ) -> dict[int, tuple[Record, torch.Tensor]]:
+        """Keep the bindings we can honour: local file, whole-storage tensors, CPU targets."""
+        if self._mapped is None:
+            return {}
+        chosen = {}
+        for _, tensor in iter_tensors(self._tree):
+            target = bindings.get(id(tensor))
+            record = self._record_of(tensor)
+            if target is None or record is None or target.device.type != "cpu":
+                continue
+            if _whole_storage(tensor) and _whole_storage(target):
+                chosen[id(tensor)] = (record, target)
+        return chosen
+
+    def _verify_all(
+        self,
+        names: Mapping[str, str] | None = None,
+        release: set[str] | frozenset[str] = frozenset(),
+    ) -> None:
+        """Check every record's CRC; fill unmapped storages from the source as we go."""
+        names = names or {}
+        by_record = {f"{self._prefix}data/{k}": s for k, s in self._storages.items()}
+
+        def verify(record: Record) -> None:
+            storage = by_record.get(record.name)
+            if self._mapped is not None:
+                actual = crc_of_map(self._mapped, record, release=record.name in release)
+            elif storage is not None and storage.nbytes():
+                view = byte_view(storage)
+                self.source.readinto_at(record.offset, view)
+                actual = crc32(view, 0)
+            else:
+                actual = crc_of_source(
+                    self.source, record, bytearray(min(record.size, _BOUNCE_BYTES) or 1)
+                )
+            check_crc(self.source.url, record, actual, names.get(record.name))
+
+        _parallel(verify, sorted(self._records.values(), key=lambda r: -r.size))
+
+    def _eager(self) -> Any:
+        """Load with ``torch.load`` for files outside the fast path."""
+        file = SourceFile(self.source)
+        try:
+            return torch.load(
+                cast("IO[bytes]", file),
+                map_location=cast("Any", self.map_location or "cpu"),
+                weights_only=self.weights_only,
+            )
+        except pickle.UnpicklingError as err:
+            if self.weights_only:
+                raise _weights_only_error(self.source.url, err) from err
+            raise CorruptCheckpointError(f"{self.source.url}: unreadable: {err}") from err
+        except (RuntimeError, EOFError) as err:
+            raise CorruptCheckpointError(f"{self.source.url}: unreadable: {err}") from err
+
+
+def _parallel(fn: Callable[[_T], None], items: Sequence[_T]) -> None:
+    """Run ``fn`` over ``items`` on the configured threads; re-raise the first failure."""
+    threads = min(settings().io_threads, len(items))
+    if threads <= 1:
+        for item in items:
+            fn(item)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="lwckpt-read") as pool:
+        for future in [pool.submit(fn, item) for item in items]:
+            future.result()
+
+
+def _whole_storage(tensor: torch.Tensor) -> bool:
+    return (
+        tensor.is_contiguous()
+        and tensor.storage_offset() == 0
+        and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+        and tensor.numel() > 0
+    )

@@ -1,0 +1,126 @@
+"""The record index of a torch zip checkpoint, and CRC32 verification of its records.
+
+``torch.save`` writes a zip archive of uncompressed ("stored") records and puts a CRC32 of each in
+the central directory, but ``torch.load`` does not check them (and with ``mmap=True`` cannot), so
+a flipped byte inside tensor data loads silently. We read the central directory, locate each
+record's bytes, and verify every CRC before a load changes anything. The CRC32 comes from ISA-L
+(``isal``, ~25 GB/s with carry-less multiply) and falls back to ``zlib`` (~4 GB/s).
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+import zipfile
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from lightweight_ckpt.errors import CorruptCheckpointError, InvalidCheckpointError
+from lightweight_ckpt.storage import Source, SourceFile
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+from typing import Any
+
+crc32: Callable[[Any, int], int]
+try:
+    from isal.isal_zlib import crc32 as _isal_crc32
+
+    crc32 = _isal_crc32
+except ImportError:  # pragma: no cover - isal ships wheels for every common platform
+    import zlib
+
+    crc32 = zlib.crc32
+
+_LOCAL_HEADER = struct.Struct("<4s22xHH")
+_LOCAL_SIGNATURE = b"PK\x03\x04"
+_WINDOW_BYTES = 64 * 1024 * 1024
+LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
+"""How a pre-1.6 (non-zip) ``torch.save`` file starts."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One stored record: where its bytes are in the file, how many, and their CRC32."""
+
+    name: str
+    offset: int
+    size: int
+    crc: int
+
+
+def read_index(source: Source) -> dict[str, Record]:
+    """Return ``{record name: Record}`` for a torch zip checkpoint.
+
+    Raises:
+        CorruptCheckpointError: the file is empty, truncated, or its directory is damaged.
+        InvalidCheckpointError: the file is not a zip archive at all.
+    """
+    if source.size == 0:
+        raise CorruptCheckpointError(f"{source.url}: the file is empty (0 bytes), not a checkpoint")
+    try:
+        infos = zipfile.ZipFile(SourceFile(source)).infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        head = source.read_at(0, 4)
+        if head == _LOCAL_SIGNATURE:
+            raise CorruptCheckpointError(
+                f"{source.url}: truncated or damaged: the archive's directory is unreadable ({err})"
+            ) from err
+        raise InvalidCheckpointError(
+            f"{source.url}: not a torch checkpoint (no zip archive found; {source.size} bytes)"
+        ) from err
+    return {info.filename: _locate(source, info) for info in infos}
+
+
+def _locate(source: Source, info: zipfile.ZipInfo) -> Record:
+    header = source.read_at(info.header_offset, _LOCAL_HEADER.size)
+    if len(header) != _LOCAL_HEADER.size:
+        raise CorruptCheckpointError(f"{source.url}: record {info.filename!r} lies past the end")
+    signature, name_len, extra_len = _LOCAL_HEADER.unpack(header)
+    if signature != _LOCAL_SIGNATURE or info.compress_type != zipfile.ZIP_STORED:
+        raise CorruptCheckpointError(f"{source.url}: record {info.filename!r} has a bad header")
+    offset = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+    if offset + info.file_size > source.size:
+        raise CorruptCheckpointError(
+            f"{source.url}: truncated: record {info.filename!r} ends past the end of the file"
+        )
+    return Record(info.filename, offset, info.file_size, info.CRC)
+
+
+def check_crc(url: str, record: Record, actual: int, entry: str | None = None) -> None:
+    """Raise ``CorruptCheckpointError`` naming the record (and state entry) if the CRC differs."""
+    if record.crc not in (actual, 0):  # 0: written with torch's compute_crc32 turned off
+        where = f"record {record.name!r}" + (f" (state entry {entry!r})" if entry else "")
+        raise CorruptCheckpointError(
+            f"{url}: checksum mismatch in {where}: stored CRC32 {record.crc:08x}, "
+            f"data has {actual:08x}. The file is corrupt; load an earlier checkpoint."
+        )
+
+
+def crc_of_map(mapped: mmap.mmap, record: Record, release: bool) -> int:
+    """CRC32 of a record read through a memory map, window by window.
+
+    With ``release``, each window's pages are dropped from this process after hashing, so
+    verifying data that is then read elsewhere does not grow the resident set.
+    """
+    view = memoryview(mapped)
+    value = 0
+    for start in range(record.offset, record.offset + record.size, _WINDOW_BYTES):
+        end = min(start + _WINDOW_BYTES, record.offset + record.size)
+        value = crc32(view[start:end], value)
+        if release:
+            aligned = start - start % mmap.PAGESIZE
+            mapped.madvise(mmap.MADV_DONTNEED, aligned, end - aligned)
+    view.release()
+    return value
+
+
+def crc_of_source(source: Source, record: Record, buffer: bytearray) -> int:
+    """CRC32 of a record read through ``source`` with a reusable bounce ``buffer``."""
+    value = 0
+    view = memoryview(buffer)
+    for start in range(record.offset, record.offset + record.size, len(buffer)):
+        piece = view[: min(len(buffer), record.offset + record.size - start)]
+        source.readinto_at(start, piece)
+        value = crc32(piece, value)
+    return value

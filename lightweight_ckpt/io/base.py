@@ -1,0 +1,139 @@
+"""The ``CheckpointIO`` interface: how one checkpoint is staged, encoded and committed.
+
+A ``CheckpointIO`` knows no ranks: strategies decide who calls it. The API.md methods are
+``save_checkpoint``, ``load_checkpoint``, ``remove_checkpoint`` and ``teardown``; a user subclass
+that implements just those is used for every write and read.
+
+Two more methods have default bodies, so subclasses never need them:
+
+- ``stage(checkpoint)``: turn the checkpoint into what gets written (identity; XLA moves tensors
+  to the CPU; async copies them to host memory). Called by ``save_checkpoint``.
+- ``open_checkpoint(...)``: a two-phase ``CheckpointReader`` for in-place, all-or-nothing loads.
+  The default wraps ``load_checkpoint``, so a user's override is honoured.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from types import TracebackType
+
+    import torch
+
+    from lightweight_ckpt.types import Checkpoint, MapLocation, StorageOptions, StrPath
+
+
+class CheckpointReader(Protocol):
+    """Two-phase read of one checkpoint (see ``formats.torch_file``).
+
+    ``skeleton()`` returns the object tree; ``materialize(bindings)`` checks and fills it, writing
+    bound tensors straight into their targets, and returns the ids of the bindings it honoured.
+    Nothing the caller owns is written before every check has passed.
+    """
+
+    def skeleton(self) -> Any:
+        """Return the checkpoint's object tree (tensor data may not be read yet)."""
+
+    def materialize(self, bindings: Mapping[int, torch.Tensor]) -> set[int]:
+        """Verify and fill the tree; return the ids of honoured bindings."""
+
+    def close(self) -> None:
+        """Release files."""
+
+    def __enter__(self) -> CheckpointReader:
+        """Return self."""
+
+    def __exit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Close."""
+
+
+class LoadedReader:
+    """A ``CheckpointReader`` over a checkpoint that is already fully loaded."""
+
+    def __init__(self, checkpoint: Any) -> None:
+        self._checkpoint = checkpoint
+
+    def skeleton(self) -> Any:
+        """Return the loaded checkpoint."""
+        return self._checkpoint
+
+    def materialize(self, bindings: Mapping[int, torch.Tensor]) -> set[int]:
+        """Honour no binding: the data is in memory already."""
+        return set()
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def __enter__(self) -> LoadedReader:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class CheckpointIO(ABC):
+    """Save, load and remove one checkpoint at a path or URL."""
+
+    @abstractmethod
+    def save_checkpoint(
+        self, checkpoint: Checkpoint, path: StrPath, storage_options: StorageOptions | None = None
+    ) -> None:
+        """Write ``checkpoint`` to ``path`` atomically.
+
+        Args:
+            checkpoint: the dict to write (state dicts and plain values).
+            path: a local path or fsspec URL.
+            storage_options: fsspec options for this write (endpoint, credentials, ...).
+        """
+
+    @abstractmethod
+    def load_checkpoint(
+        self, path: StrPath, map_location: MapLocation = None, weights_only: bool | None = None
+    ) -> Any:
+        """Read the checkpoint at ``path``.
+
+        Args:
+            path: a local path or fsspec URL.
+            map_location: where tensors go, as in ``torch.load``; ``None`` means the CPU.
+            weights_only: refuse arbitrary pickled objects (default True).
+        """
+
+    @abstractmethod
+    def remove_checkpoint(self, path: StrPath) -> None:
+        """Delete the checkpoint at ``path``; a missing path is not an error."""
+
+    def teardown(self) -> None:  # noqa: B027 - optional hook with an empty default
+        """Release resources (threads, pools); called when the IO is no longer used."""
+
+    def stage(self, checkpoint: Checkpoint) -> Checkpoint:
+        """Return the checkpoint to encode: identity here; XLA and async IO copy to host memory."""
+        return checkpoint
+
+    def open_checkpoint(
+        self,
+        path: StrPath,
+        *,
+        map_location: MapLocation = None,
+        weights_only: bool | None = None,
+        storage_options: StorageOptions | None = None,
+    ) -> CheckpointReader:
+        """Open ``path`` for a two-phase load; by default through ``load_checkpoint``."""
+        if storage_options is not None:
+            loaded = self.load_checkpoint(  # type: ignore[call-arg]
+                path,
+                map_location=map_location,
+                weights_only=weights_only,
+                storage_options=storage_options,
+            )
+        else:
+            loaded = self.load_checkpoint(
+                path, map_location=map_location, weights_only=weights_only
+            )
+        return LoadedReader(loaded)

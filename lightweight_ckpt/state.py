@@ -1,0 +1,317 @@
+"""Pure state plumbing: unwrap, convert, filter, check keys, restore in place, report.
+
+Nothing here does I/O or collectives, so every rule is unit-testable without files or processes.
+Strategies call these functions; the ones that need sharded state dicts (FSDP) pass their own
+``module_state_dict`` in through ``collect``'s ``convert`` argument.
+
+Restoring is split in two so that a load is all-or-nothing:
+
+1. ``plan_restore(state, checkpoint, strict)`` checks every entry (missing keys, unexpected keys,
+   shape mismatches, optimizer structure) and raises before anything is changed. It also lists
+   *bindings*: checkpoint tensors that may be read straight into an existing tensor of the
+   target (a parameter, an optimizer moment), so the reader can skip a copy and extra memory.
+2. ``apply_restore(plan, accepted)`` calls ``load_state_dict`` / replaces plain values and returns
+   the remainder. ``accepted`` names the bindings the reader honoured.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightweight_ckpt.errors import MissingKeysError, StateMismatchError
+from lightweight_ckpt.types import Checkpoint, KeepFn, State, StateDict, Stateful
+
+log = logging.getLogger("lightweight_ckpt")
+
+
+def unwrap_module(module: nn.Module) -> nn.Module:
+    """Return the user's module inside ``torch.compile`` and (Distributed)DataParallel wrappers."""
+    while True:
+        inner = getattr(module, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if isinstance(inner, nn.Module):
+            module = inner
+            continue
+        if isinstance(module, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            module = module.module
+            continue
+        return module
+
+
+def is_stateful(obj: object) -> bool:
+    """Return True for objects restored through ``load_state_dict`` (modules and optimizers too)."""
+    return isinstance(obj, nn.Module | torch.optim.Optimizer | Stateful)
+
+
+def to_state_dict(obj: object) -> Any:
+    """Turn a module, optimizer or stateful object into its state dict; other values stay."""
+    if isinstance(obj, nn.Module):
+        return unwrap_module(obj).state_dict()
+    if isinstance(obj, torch.optim.Optimizer | Stateful):
+        return obj.state_dict()
+    return obj
+
+
+def collect(
+    state: State,
+    keep: Mapping[str, KeepFn],
+    convert: Callable[[object], Any] = to_state_dict,
+) -> Checkpoint:
+    """Build the checkpoint dict from the user's state, applying per-key save filters."""
+    checkpoint: Checkpoint = {}
+    for key, obj in state.items():
+        value = convert(obj)
+        checkpoint[key] = apply_filter(value, keep[key]) if key in keep else value
+    return checkpoint
+
+
+def apply_filter(state_dict: StateDict, keep: KeepFn) -> StateDict:
+    """Return the items of ``state_dict`` for which ``keep(name, value)`` is true, in order."""
+    return {name: value for name, value in state_dict.items() if keep(name, value)}
+
+
+def check_requested_keys(path: str, requested: list[str], available: Mapping[str, Any]) -> None:
+    """Raise ``MissingKeysError`` listing every requested key the checkpoint lacks, sorted."""
+    missing = sorted(key for key in requested if key not in available)
+    if missing:
+        raise MissingKeysError(
+            f"{path}: the checkpoint lacks the requested keys {missing} "
+            f"(it holds {sorted(available)}). Pass strict=False to load the rest."
+        )
+
+
+@dataclass(frozen=True)
+class EntryReport:
+    """What did not match when one state entry (a module or optimizer) was restored."""
+
+    missing_keys: tuple[str, ...] = ()
+    unexpected_keys: tuple[str, ...] = ()
+    mismatched_shapes: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()
+    """``(key, shape in checkpoint, shape in target)`` for each key skipped for its shape."""
+
+    def __bool__(self) -> bool:
+        return bool(self.missing_keys or self.unexpected_keys or self.mismatched_shapes)
+
+    def describe(self) -> str:
+        """Return one human-readable line."""
+        parts = []
+        if self.missing_keys:
+            parts.append(f"missing {list(self.missing_keys)}")
+        if self.unexpected_keys:
+            parts.append(f"unexpected {list(self.unexpected_keys)}")
+        if self.mismatched_shapes:
+            shapes = [
+                f"{k}: {list(c)} in checkpoint vs {list(t)}" for k, c, t in self.mismatched_shapes
+            ]
+            parts.append(f"shape mismatch [{', '.join(shapes)}]")
+        return "; ".join(parts) or "ok"
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What a load restored and what it skipped, per state entry.
+
+    ``entries`` maps each restored module entry to its ``EntryReport``. ``missing_entries`` are
+    state keys the checkpoint did not hold (only possible with ``strict=False``).
+    ``remainder_keys`` are checkpoint keys that ``state`` did not ask for.
+    """
+
+    path: str
+    strict: bool
+    entries: Mapping[str, EntryReport] = field(default_factory=dict)
+    missing_entries: tuple[str, ...] = ()
+    remainder_keys: tuple[str, ...] = ()
+
+    @property
+    def clean(self) -> bool:
+        """True when every requested entry and key was found and loaded."""
+        return not self.missing_entries and not any(self.entries.values())
+
+    def __str__(self) -> str:
+        lines = [f"load report for {self.path} (strict={self.strict}):"]
+        lines += [f"  {key}: {entry.describe()}" for key, entry in self.entries.items()]
+        if self.missing_entries:
+            lines.append(f"  not in checkpoint: {list(self.missing_entries)}")
+        if self.remainder_keys:
+            lines.append(f"  not requested (returned as remainder): {list(self.remainder_keys)}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Binding:
+    """A checkpoint tensor that may be read straight into ``target`` (same shape and dtype).
+
+    ``container[key]`` is where the checkpoint tensor sits; ``apply_restore`` puts ``target``
+    there when the reader honoured the binding, so ``load_state_dict`` copies nothing.
+    """
+
+    source: torch.Tensor
+    target: torch.Tensor
+    container: dict[Any, Any]
+    key: Any
+
+
+@dataclass
+class RestorePlan:
+    """A checked restore: what goes where. Built by ``plan_restore``, run by ``apply_restore``."""
+
+    state: State
+    checkpoint: Checkpoint
+    strict: bool
+    report: LoadReport
+    module_dicts: dict[str, StateDict] = field(default_factory=dict)
+    bindings: list[Binding] = field(default_factory=list)
+
+
+def _module_entry(
+    key: str, module: nn.Module, value: object, strict: bool, path: str
+) -> tuple[StateDict, EntryReport, list[Binding]]:
+    if not isinstance(value, Mapping):
+        raise StateMismatchError(
+            f"{path}: state[{key!r}] is a module but the checkpoint holds a "
+            f"{type(value).__name__} there, not a state dict."
+        )
+    target = unwrap_module(module).state_dict(keep_vars=True)
+    loadable: StateDict = {}
+    mismatched = []
+    bindings = []
+    for name, saved in value.items():
+        current = target.get(name)
+        if isinstance(saved, torch.Tensor) and isinstance(current, torch.Tensor):
+            if saved.shape != current.shape:
+                mismatched.append((name, tuple(saved.shape), tuple(current.shape)))
+                continue
+            if saved.dtype == current.dtype:
+                bindings.append(Binding(saved, current.detach(), loadable, name))
+        loadable[name] = saved
+    report = EntryReport(
+        missing_keys=tuple(sorted(set(target) - set(value))),
+        unexpected_keys=tuple(sorted(set(value) - set(target))),
+        mismatched_shapes=tuple(sorted(mismatched)),
+    )
+    if strict and report:
+        raise StateMismatchError(
+            f"{path}: state[{key!r}] does not match the checkpoint: {report.describe()}. "
+            "Pass strict=False to load the keys that match."
+        )
+    return loadable, report, bindings
+
+
+def _optimizer_entry(
+    key: str, optimizer: torch.optim.Optimizer, value: object, path: str
+) -> list[Binding]:
+    groups = value.get("param_groups") if isinstance(value, Mapping) else None
+    saved_state = value.get("state") if isinstance(value, Mapping) else None
+    if not isinstance(groups, list) or not isinstance(saved_state, dict):
+        raise StateMismatchError(
+            f"{path}: state[{key!r}] is an optimizer but the checkpoint entry is not an "
+            "optimizer state dict (no 'state' and 'param_groups')."
+        )
+    saved_sizes = [len(g.get("params", ())) for g in groups]
+    sizes = [len(g["params"]) for g in optimizer.param_groups]
+    if saved_sizes != sizes:
+        raise StateMismatchError(
+            f"{path}: state[{key!r}] has parameter groups of sizes {sizes} but the checkpoint's "
+            f"have sizes {saved_sizes}. Load into an optimizer built over the same parameters."
+        )
+    current = optimizer.state_dict()["state"]
+    bindings = []
+    for index, entries in saved_state.items():
+        now = current.get(index, {})
+        for name, saved in entries.items() if isinstance(entries, dict) else ():
+            target = now.get(name)
+            if _same_layout(saved, target):
+                bindings.append(Binding(saved, target, entries, name))
+    return bindings
+
+
+def _same_layout(saved: object, target: object) -> bool:
+    return (
+        isinstance(saved, torch.Tensor)
+        and isinstance(target, torch.Tensor)
+        and saved.shape == target.shape
+        and saved.dtype == target.dtype
+    )
+
+
+def plan_restore(path: str, state: State, checkpoint: Checkpoint, strict: bool) -> RestorePlan:
+    """Check that ``checkpoint`` fits ``state`` and plan the restore; change nothing.
+
+    Raises:
+        MissingKeysError: ``strict`` and some keys of ``state`` are not in the checkpoint.
+        StateMismatchError: an entry does not fit its object (``strict`` module keys or shapes,
+            optimizer structure, a module whose checkpoint entry is not a state dict).
+    """
+    if strict:
+        check_requested_keys(path, list(state), checkpoint)
+    entries: dict[str, EntryReport] = {}
+    module_dicts: dict[str, StateDict] = {}
+    bindings: list[Binding] = []
+    for key, obj in state.items():
+        if key not in checkpoint:
+            continue
+        value = checkpoint[key]
+        if isinstance(obj, nn.Module):
+            module_dicts[key], entries[key], found = _module_entry(key, obj, value, strict, path)
+            bindings += found
+        elif isinstance(obj, torch.optim.Optimizer):
+            bindings += _optimizer_entry(key, obj, value, path)
+    report = LoadReport(
+        path=path,
+        strict=strict,
+        entries=entries,
+        missing_entries=tuple(sorted(k for k in state if k not in checkpoint)),
+        remainder_keys=tuple(k for k in checkpoint if k not in state),
+    )
+    return RestorePlan(state, checkpoint, strict, report, module_dicts, bindings)
+
+
+def apply_restore(
+    plan: RestorePlan, accepted: set[int] | frozenset[int] = frozenset()
+) -> Checkpoint:
+    """Restore every entry of ``plan.state`` in place and return the remainder.
+
+    ``accepted`` holds ``id(binding.source)`` of bindings whose data the reader already wrote into
+    the target; those targets replace the checkpoint tensors, so nothing is copied twice.
+    User ``Stateful`` objects are restored first: they are the ones that may still refuse.
+    """
+    for binding in plan.bindings:
+        if id(binding.source) in accepted:
+            binding.container[binding.key] = binding.target
+    state, checkpoint = plan.state, plan.checkpoint
+    present = [key for key in state if key in checkpoint]
+    order = sorted(present, key=lambda k: _restore_rank(state[k]))
+    for key in order:
+        obj = state[key]
+        if isinstance(obj, nn.Module):
+            unwrap_module(obj).load_state_dict(plan.module_dicts[key], strict=False)
+        elif is_stateful(obj):
+            obj.load_state_dict(checkpoint[key])
+        else:
+            state[key] = checkpoint[key]
+    if not plan.report.clean:
+        log.warning("%s", plan.report)
+    return {key: value for key, value in checkpoint.items() if key not in state}
+
+
+def _restore_rank(obj: object) -> int:
+    if isinstance(obj, nn.Module | torch.optim.Optimizer):
+        return 1
+    return 0 if is_stateful(obj) else 2
+
+
+def iter_tensors(tree: object, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(dotted_name, tensor)`` for every tensor in nested dicts, lists and tuples."""
+    if isinstance(tree, torch.Tensor):
+        yield prefix, tree
+    elif isinstance(tree, Mapping):
+        for key, value in tree.items():
+            yield from iter_tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(tree, list | tuple):
+        for index, value in enumerate(tree):
+            yield from iter_tensors(value, f"{prefix}.{index}" if prefix else str(index))

@@ -1,0 +1,10 @@
+"""Strategies: who writes and reads a checkpoint, and in which layout.
+
+``Strategy`` holds the one save/load pipeline; subclasses override hooks only.
+"""
+
+from lightweight_ckpt.strategies.base import Strategy
+from lightweight_ckpt.strategies.selection import select_strategy
+from lightweight_ckpt.strategies.single_device import SingleDeviceStrategy
+
+__all__ = ["SingleDeviceStrategy", "Strategy", "select_strategy"]

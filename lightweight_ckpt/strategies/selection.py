@@ -1,0 +1,42 @@
+"""Pick a ``Strategy`` from a name (or ``"auto"``) and the environment: a pure decision."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lightweight_ckpt import collectives
+from lightweight_ckpt.strategies.base import Strategy
+from lightweight_ckpt.strategies.single_device import SingleDeviceStrategy
+
+if TYPE_CHECKING:
+    from lightweight_ckpt.io import CheckpointIO
+
+STRATEGY_NAMES = ("auto", "single_device", "ddp", "fsdp", "xla", "xla_fsdp")
+_NOT_YET = ("ddp", "fsdp", "xla", "xla_fsdp")
+
+
+def select_strategy(strategy: str | Strategy, checkpoint_io: CheckpointIO | None) -> Strategy:
+    """Return the strategy for ``strategy`` with ``checkpoint_io`` plugged in.
+
+    A ``Strategy`` instance is used as is; a ``checkpoint_io`` given beside it replaces its IO.
+
+    Raises:
+        TypeError: ``strategy`` is neither a name nor a ``Strategy``.
+        ValueError: an unknown name, or one this version does not provide yet.
+    """
+    if isinstance(strategy, Strategy):
+        if checkpoint_io is not None:
+            strategy.checkpoint_io = checkpoint_io
+        return strategy
+    if not isinstance(strategy, str):
+        raise TypeError(f"strategy must be a name or a Strategy, got {type(strategy).__name__}")
+    if strategy not in STRATEGY_NAMES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {list(STRATEGY_NAMES)}")
+    if strategy == "auto" and collectives.world_size() > 1:
+        strategy = "ddp"
+    if strategy in _NOT_YET:
+        raise ValueError(
+            f"strategy {strategy!r} is not available in this version of lightweight_ckpt; "
+            "only 'single_device' (one process) is. Run without a multi-process group."
+        )
+    return SingleDeviceStrategy(checkpoint_io)
