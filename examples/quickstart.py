@@ -65,7 +65,9 @@ def main(workdir: Path) -> None:
     torch.save(model.state_dict(), workdir / "friend.pt")
     model3 = make_model()
     fabric.load_raw(workdir / "friend.pt", model3)
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model3.parameters()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.parameters(), model3.parameters(), strict=True)
+    )
     print("3. load_raw of a plain torch.save file: weights identical")
 
     # 4. A filtered save: only the weights of the model, everything else as usual.

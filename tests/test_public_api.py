@@ -26,12 +26,14 @@ def test_fabric_signatures_match_api_md() -> None:
     assert list(save)[:4] == ["self", "path", "state", "filter"]
     load = inspect.signature(Fabric.load).parameters
     assert list(load)[:4] == ["self", "path", "state", "strict"]
-    assert load["state"].default is None and load["strict"].default is True
+    assert load["state"].default is None
+    assert load["strict"].default is True
     assert load["weights_only"].kind is inspect.Parameter.KEYWORD_ONLY
     load_raw = inspect.signature(Fabric.load_raw).parameters
     assert list(load_raw)[:4] == ["self", "path", "obj", "strict"]
     init = inspect.signature(Fabric.__init__).parameters
-    assert init["strategy"].default == "auto" and init["checkpoint_io"].default is None
+    assert init["strategy"].default == "auto"
+    assert init["checkpoint_io"].default is None
 
 
 def test_checkpoint_io_abstract_methods() -> None:
