@@ -42,9 +42,11 @@ def main(workdir: Path) -> None:
     model = make_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
-    for step in range(1, 4):
+    step, loss = 0, 0.0
+    while step < 3:
         loss = train(model, optimizer, steps=5)
         scheduler.step()
+        step += 1
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "step": step}
     fabric.save(workdir / "last.ckpt", state)
     print(f"1. trained to step {step} (loss {loss:.4f}) and saved {workdir / 'last.ckpt'}")
@@ -55,7 +57,8 @@ def main(workdir: Path) -> None:
     scheduler2 = torch.optim.lr_scheduler.StepLR(optimizer2, step_size=2, gamma=0.5)
     resumed = {"model": model2, "optimizer": optimizer2, "scheduler": scheduler2, "step": 0}
     remainder = fabric.load(workdir / "last.ckpt", resumed)
-    assert resumed["step"] == step and not remainder
+    assert resumed["step"] == step
+    assert not remainder
     for a, b in zip(model.parameters(), model2.parameters(), strict=True):
         assert torch.equal(a, b)
     assert scheduler2.get_last_lr() == scheduler.get_last_lr()
