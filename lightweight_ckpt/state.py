@@ -168,12 +168,20 @@ class RestorePlan:
     bindings: list[Binding] = field(default_factory=list)
 
 
+RAW_KEY = "<load_raw>"
+"""The state key ``load_raw`` uses for its one object."""
+
+
+def _label(key: str) -> str:
+    return "the object passed to load_raw" if key == RAW_KEY else f"state[{key!r}]"
+
+
 def _module_entry(
     key: str, module: nn.Module, value: object, strict: bool, path: str
 ) -> tuple[StateDict, EntryReport, list[Binding]]:
     if not isinstance(value, Mapping):
         raise StateMismatchError(
-            f"{path}: state[{key!r}] is a module but the checkpoint holds a "
+            f"{path}: {_label(key)} is a module but the checkpoint holds a "
             f"{type(value).__name__} there, not a state dict."
         )
     target = unwrap_module(module).state_dict(keep_vars=True)
@@ -196,10 +204,24 @@ def _module_entry(
     )
     if strict and report:
         raise StateMismatchError(
-            f"{path}: state[{key!r}] does not match the checkpoint: {report.describe()}. "
-            "Pass strict=False to load the keys that match."
+            f"{path}: {_label(key)} does not match the checkpoint: {report.describe()}. "
+            f"{_prefix_hint(report)}Pass strict=False to load the keys that match."
         )
     return loadable, report, bindings
+
+
+def _prefix_hint(report: EntryReport) -> str:
+    """Explain the common case of keys saved from a wrapper (``module.``, ``_orig_mod.``)."""
+    for prefix in ("module.", "_orig_mod."):
+        unexpected = report.unexpected_keys
+        if unexpected and all(k.startswith(prefix) for k in unexpected):
+            stripped = {k[len(prefix) :] for k in unexpected}
+            if stripped >= set(report.missing_keys):
+                return (
+                    f"The checkpoint's keys carry a {prefix!r} prefix: it was saved from a "
+                    "wrapped model (DDP/DataParallel/torch.compile); strip the prefix. "
+                )
+    return ""
 
 
 def _optimizer_entry(
@@ -209,14 +231,14 @@ def _optimizer_entry(
     saved_state = value.get("state") if isinstance(value, Mapping) else None
     if not isinstance(groups, list) or not isinstance(saved_state, dict):
         raise StateMismatchError(
-            f"{path}: state[{key!r}] is an optimizer but the checkpoint entry is not an "
+            f"{path}: {_label(key)} is an optimizer but the checkpoint entry is not an "
             "optimizer state dict (no 'state' and 'param_groups')."
         )
     saved_sizes = [len(g.get("params", ())) for g in groups]
     sizes = [len(g["params"]) for g in optimizer.param_groups]
     if saved_sizes != sizes:
         raise StateMismatchError(
-            f"{path}: state[{key!r}] has parameter groups of sizes {sizes} but the checkpoint's "
+            f"{path}: {_label(key)} has parameter groups of sizes {sizes} but the checkpoint's "
             f"have sizes {saved_sizes}. Load into an optimizer built over the same parameters."
         )
     current = optimizer.state_dict()["state"]

@@ -227,6 +227,15 @@ class Source(Protocol):
         """Release the file."""
 
 
+def _preadv(fd: int, buffer: memoryview, offset: int) -> int:
+    """Read into ``buffer`` without a Python-side copy where the OS has ``preadv``."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [buffer], offset)
+    data = os.pread(fd, len(buffer), offset)  # pragma: no cover - platforms without preadv
+    buffer[: len(data)] = data
+    return len(data)
+
+
 class _LocalSource:
     def __init__(self, url: str, path: str) -> None:
         self.url = url
@@ -240,7 +249,7 @@ class _LocalSource:
         done = 0
         while done < len(buffer):
             step = min(len(buffer) - done, 1 << 30)
-            got = os.preadv(self._fd, [buffer[done : done + step]], offset + done)
+            got = _preadv(self._fd, buffer[done : done + step], offset + done)
             if got == 0:
                 raise CorruptCheckpointError(f"{self.url}: truncated: the file ends at {self.size}")
             done += got

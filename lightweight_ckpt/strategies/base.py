@@ -25,6 +25,7 @@ from lightweight_ckpt import collectives
 from lightweight_ckpt.errors import InvalidCheckpointError
 from lightweight_ckpt.io import CheckpointIO, TorchCheckpointIO
 from lightweight_ckpt.state import (
+    RAW_KEY,
     LoadReport,
     apply_restore,
     collect,
@@ -172,8 +173,7 @@ class Strategy:
                 raise InvalidCheckpointError(
                     f"{path}: holds a {type(state_dict).__name__}, not a state dict"
                 )
-            key = type(obj).__name__
-            plan = plan_restore(str(path), {key: obj}, {key: state_dict}, strict)
+            plan = plan_restore(str(path), {RAW_KEY: obj}, {RAW_KEY: state_dict}, strict)
             accepted = reader.materialize({id(b.source): b.target for b in plan.bindings})
         apply_restore(plan, accepted)
         return plan.report
