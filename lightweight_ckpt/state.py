@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.tensor import DTensor
 
 from lightweight_ckpt.errors import MissingKeysError, StateMismatchError
 from lightweight_ckpt.types import Checkpoint, KeepFn, State, StateDict, Stateful
@@ -41,6 +43,20 @@ def unwrap_module(module: nn.Module) -> nn.Module:
             module = module.module
             continue
         return module
+
+
+def is_sharded_module(module: nn.Module) -> bool:
+    """Return True for FSDP1 (``FullyShardedDataParallel``) and FSDP2 (``fully_shard``) modules."""
+    if isinstance(module, FullyShardedDataParallel):
+        return True
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def find_sharded(state: State) -> list[str]:
+    """Return the keys of ``state`` whose modules are sharded, sorted."""
+    return sorted(
+        key for key, obj in state.items() if isinstance(obj, nn.Module) and is_sharded_module(obj)
+    )
 
 
 def is_stateful(obj: object) -> bool:

@@ -4,7 +4,8 @@
 """
 
 from lightweight_ckpt.strategies.base import Strategy
+from lightweight_ckpt.strategies.ddp import DDPStrategy
 from lightweight_ckpt.strategies.selection import select_strategy
 from lightweight_ckpt.strategies.single_device import SingleDeviceStrategy
 
-__all__ = ["SingleDeviceStrategy", "Strategy", "select_strategy"]
+__all__ = ["DDPStrategy", "SingleDeviceStrategy", "Strategy", "select_strategy"]

@@ -87,6 +87,9 @@ class Strategy:
         """Return the state dict to save for ``optimizer``."""
         return optimizer.state_dict()
 
+    def check_state(self, state: State) -> None:
+        """Raise if this strategy cannot handle ``state`` (called before any collective)."""
+
     def write(
         self, checkpoint: Checkpoint, path: StrPath, storage_options: StorageOptions | None
     ) -> None:
@@ -115,6 +118,8 @@ class Strategy:
         storage_options: StorageOptions | None = None,
     ) -> None:
         """Collect ``state``, apply ``filter`` and write it; raise on every rank if any failed."""
+        self.check_state(state)
+        path = collectives.broadcast_object(path)  # rank 0's path wins, as in Lightning
         checkpoint = collect(state, filter or {}, self.convert)
         collectives.run_on_all_ranks("save", lambda: self.write(checkpoint, path, storage_options))
 
@@ -129,8 +134,24 @@ class Strategy:
     ) -> tuple[Any, LoadReport | None]:
         """Restore ``state`` in place from ``path``; return ``(remainder, report)``.
 
-        Without ``state``, return ``(whole checkpoint, None)``.
+        Without ``state``, return ``(whole checkpoint, None)``. Runs on every rank; a failure on
+        any rank raises on all.
         """
+        if state:
+            self.check_state(state)
+        path = collectives.broadcast_object(path)
+        return collectives.run_on_all_ranks(
+            "load", lambda: self._load(path, state, strict, weights_only, storage_options)
+        )
+
+    def _load(
+        self,
+        path: StrPath,
+        state: State | None,
+        strict: bool,
+        weights_only: bool | None,
+        storage_options: StorageOptions | None,
+    ) -> tuple[Any, LoadReport | None]:
         reader = self.checkpoint_io.open_checkpoint(
             path,
             map_location=self.map_location,
@@ -161,6 +182,19 @@ class Strategy:
         storage_options: StorageOptions | None = None,
     ) -> LoadReport:
         """Load a plain state-dict file (``torch.save(model.state_dict())``) into ``obj``."""
+        path = collectives.broadcast_object(path)
+        return collectives.run_on_all_ranks(
+            "load_raw", lambda: self._load_raw(path, obj, strict, weights_only, storage_options)
+        )
+
+    def _load_raw(
+        self,
+        path: StrPath,
+        obj: nn.Module | torch.optim.Optimizer,
+        strict: bool,
+        weights_only: bool | None,
+        storage_options: StorageOptions | None,
+    ) -> LoadReport:
         reader = self.checkpoint_io.open_checkpoint(
             path,
             map_location=self.map_location,

@@ -6,13 +6,14 @@ from typing import TYPE_CHECKING
 
 from lightweight_ckpt import collectives
 from lightweight_ckpt.strategies.base import Strategy
+from lightweight_ckpt.strategies.ddp import DDPStrategy
 from lightweight_ckpt.strategies.single_device import SingleDeviceStrategy
 
 if TYPE_CHECKING:
     from lightweight_ckpt.io import CheckpointIO
 
 STRATEGY_NAMES = ("auto", "single_device", "ddp", "fsdp", "xla", "xla_fsdp")
-_NOT_YET = ("ddp", "fsdp", "xla", "xla_fsdp")
+_NOT_YET = ("fsdp", "xla", "xla_fsdp")
 
 
 def select_strategy(strategy: str | Strategy, checkpoint_io: CheckpointIO | None) -> Strategy:
@@ -37,6 +38,8 @@ def select_strategy(strategy: str | Strategy, checkpoint_io: CheckpointIO | None
     if strategy in _NOT_YET:
         raise ValueError(
             f"strategy {strategy!r} is not available in this version of lightweight_ckpt; "
-            "only 'single_device' (one process) is. Run without a multi-process group."
+            "'single_device' and 'ddp' are."
         )
+    if strategy == "ddp":
+        return DDPStrategy(checkpoint_io)
     return SingleDeviceStrategy(checkpoint_io)

@@ -1,0 +1,83 @@
+"""Run a test body on several real processes: gloo on CPU, a file:// rendezvous, a timeout.
+
+    run_distributed(body, world_size=2, tmp_path=tmp_path, args=(...))
+
+``body(rank, world_size, *args)`` is a module-level function (picklable for spawn). Each process
+initializes the default process group, runs the body and destroys the group. The first failing
+rank's traceback is re-raised in the test, naming the rank. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+TIMEOUT_S = 120.0
+
+
+def _entry(  # noqa: PLR0917 - a Process target takes positional arguments
+    body: Callable[..., None],
+    rank: int,
+    world_size: int,
+    store_file: str,
+    args: tuple[Any, ...],
+    errors: Any,
+) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{store_file}", rank=rank, world_size=world_size
+        )
+        try:
+            body(rank, world_size, *args)
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        errors.put((rank, traceback.format_exc()))
+        raise
+
+
+def run_distributed(
+    body: Callable[..., None],
+    world_size: int,
+    tmp_path: Path,
+    args: tuple[Any, ...] = (),
+    timeout_s: float = TIMEOUT_S,
+) -> None:
+    """Run ``body(rank, world_size, *args)`` on ``world_size`` spawned processes; fail on any."""
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    store_file = str(tmp_path / f"pg-store-{os.getpid()}-{id(body)}")
+    procs = [
+        ctx.Process(target=_entry, args=(body, rank, world_size, store_file, args, errors))
+        for rank in range(world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout_s)
+    hung = [rank for rank, proc in enumerate(procs) if proc.is_alive()]
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    if failures:
+        # every failing rank, in rank order: the root cause is often not on rank 0
+        report = "\n".join(
+            f"--- rank {rank} of {world_size}:\n{trace}" for rank, trace in sorted(failures)
+        )
+        raise AssertionError(f"{len(failures)} rank(s) failed:\n{report}")
+    if hung:
+        raise AssertionError(f"ranks {hung} of {world_size} hung past {timeout_s} s")
+    codes = [proc.exitcode for proc in procs]
+    if any(code != 0 for code in codes):
+        raise AssertionError(f"ranks exited with codes {codes}")

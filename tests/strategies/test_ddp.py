@@ -1,0 +1,119 @@
+"""DDPStrategy on real processes: gloo on CPU, real DistributedDataParallel, nothing mocked."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from lightweight_ckpt import CheckpointError, CheckpointWriteError, Fabric
+from lightweight_ckpt.strategies import DDPStrategy
+from tests.helpers.asserts import assert_states_differ, assert_states_equal, snapshot
+from tests.helpers.distributed import run_distributed
+from tests.helpers.models import Tiny, train_steps
+
+pytestmark = pytest.mark.distributed
+
+
+def _ddp_state() -> tuple[DistributedDataParallel, torch.optim.Optimizer]:
+    torch.manual_seed(0)  # same initial weights on every rank, as DDP requires
+    model = DistributedDataParallel(Tiny())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    torch.manual_seed(100 + torch.distributed.get_rank())  # different data per rank
+    train_steps(model, optimizer, 2)
+    return model, optimizer
+
+
+def _perturb(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)
+    for entry in optimizer.state.values():
+        entry["exp_avg"].add_(1.0)
+
+
+def _round_trip(rank: int, world_size: int, directory: str) -> None:
+    path = os.path.join(directory, "ddp.ckpt")
+    model, optimizer = _ddp_state()
+    fabric = Fabric()
+    assert isinstance(fabric.strategy, DDPStrategy)
+    assert (fabric.global_rank, fabric.world_size) == (rank, world_size)
+    fabric.save(path, {"model": model, "optimizer": optimizer, "step": 2})
+    # save returned: the file is committed and complete on every rank
+    assert sorted(os.listdir(directory)) == ["ddp.ckpt"]
+    # the checkpoint holds rank 0's state (BatchNorm statistics differ per rank after the last
+    # forward): every rank restores rank 0's.
+    expected = [{"model": snapshot(model.module), "optimizer": snapshot(optimizer)}]
+    torch.distributed.broadcast_object_list(expected, src=0)
+    expected = expected[0]
+    _perturb(model, optimizer)
+    assert_states_differ(model.module, expected["model"])
+    state = {"model": model, "optimizer": optimizer, "step": 0}
+    remainder = fabric.load(path, state)
+    assert remainder == {}
+    assert state["step"] == 2
+    assert_states_equal(model.module, expected["model"])
+    assert_states_equal(optimizer, expected["optimizer"])
+    # one file in the single-device format: keys without the DDP "module." prefix
+    raw = torch.load(path, weights_only=True)
+    assert_states_equal(raw["model"], expected["model"])
+    fabric.barrier()
+
+
+def test_ddp_round_trip_world_2(tmp_path: Path) -> None:
+    run_distributed(_round_trip, 2, tmp_path, args=(str(tmp_path / "ckpt"),))
+    # the DDP file loads into a plain model in a single process with no process group
+    model = Tiny()
+    before = snapshot(model)
+    Fabric().load(tmp_path / "ckpt" / "ddp.ckpt", {"model": model}, strict=True)
+    assert_states_differ(model, before)
+
+
+def _rank_zero_fails(rank: int, world_size: int, directory: str) -> None:
+    path = os.path.join(directory, "ddp.ckpt")
+    model, _ = _ddp_state()
+    fabric = Fabric(strategy="ddp")
+    fabric.save(path, {"model": model})
+    good = torch.load(path, weights_only=True)["model"]  # rank 0's state
+    if rank == 0:
+        os.rename(path, path + ".bak")
+        os.mkdir(path)  # a directory in the way: rank 0's write fails
+    fabric.barrier()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)
+    error_type = CheckpointWriteError if rank == 0 else CheckpointError
+    with pytest.raises(error_type) as info:
+        fabric.save(path, {"model": model})
+    assert "save failed on rank(s) [0]" in str(info.value) or rank == 0
+    fabric.barrier()
+    if rank == 0:
+        os.rmdir(path)
+        os.rename(path + ".bak", path)
+    fabric.barrier()
+    # the previous checkpoint is intact and loads on every rank
+    assert_states_differ(model.module.state_dict(), good)
+    fabric.load(path, {"model": model})
+    assert_states_equal(model.module.state_dict(), good)
+
+
+def test_ddp_failure_on_rank_zero_raises_on_every_rank(tmp_path: Path) -> None:
+    run_distributed(_rank_zero_fails, 2, tmp_path, args=(str(tmp_path),))
+
+
+def _load_raw(rank: int, world_size: int, path: str) -> None:
+    model, _ = _ddp_state()
+    expected = torch.load(path, weights_only=True)
+    assert_states_differ(model.module.state_dict(), expected)
+    Fabric().load_raw(path, model)
+    assert_states_equal(model.module.state_dict(), expected)
+
+
+def test_ddp_load_raw_of_plain_file(tmp_path: Path) -> None:
+    torch.manual_seed(7)
+    path = tmp_path / "friend.pt"
+    torch.save(Tiny().state_dict(), path)
+    run_distributed(_load_raw, 2, tmp_path, args=(str(path),))
