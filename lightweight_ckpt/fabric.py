@@ -16,6 +16,7 @@ from torch import nn
 from lightweight_ckpt.io import CheckpointIO
 from lightweight_ckpt.state import LoadReport, is_stateful
 from lightweight_ckpt.strategies import Strategy, select_strategy
+from lightweight_ckpt.strategies.selection import auto_strategy_name
 
 if TYPE_CHECKING:
     from lightweight_ckpt.types import FilterMap, State, StorageOptions, StrPath
@@ -77,9 +78,18 @@ class Fabric:
             raise TypeError(
                 f"checkpoint_io must be a CheckpointIO, got {type(checkpoint_io).__name__}"
             )
+        self._auto = strategy == "auto"
         self._strategy = select_strategy(strategy, checkpoint_io)
         self.last_load_report: LoadReport | None = None
         """What the last ``load``/``load_raw`` restored and skipped, per state entry."""
+
+    def _strategy_for(self, state: State | None) -> Strategy:
+        """With ``"auto"``, switch to the strategy ``state`` needs (FSDP for sharded modules)."""
+        if self._auto and state:
+            wanted = auto_strategy_name(state)
+            if type(self._strategy) is not type(select_strategy(wanted, None)):
+                self._strategy = select_strategy(wanted, self._strategy.checkpoint_io)
+        return self._strategy
 
     @property
     def strategy(self) -> Strategy:
@@ -134,7 +144,7 @@ class Fabric:
         _check_state(state)
         if filter is not None:
             check_filter(state, filter)
-        self._strategy.save(path, state, filter, storage_options)
+        self._strategy_for(state).save(path, state, filter, storage_options)
 
     def load(
         self,
@@ -167,7 +177,7 @@ class Fabric:
         _check_path(path)
         if state is not None:
             _check_state(state)
-        result, self.last_load_report = self._strategy.load(
+        result, self.last_load_report = self._strategy_for(state).load(
             path, state, strict, weights_only, storage_options
         )
         return result  # type: ignore[no-any-return]
@@ -189,6 +199,8 @@ class Fabric:
         _check_path(path)
         if not isinstance(obj, nn.Module | torch.optim.Optimizer):
             raise TypeError(f"obj must be a Module or an Optimizer, got {type(obj).__name__}")
-        report = self._strategy.load_raw(path, obj, strict, weights_only, storage_options)
+        report = self._strategy_for({"obj": obj}).load_raw(
+            path, obj, strict, weights_only, storage_options
+        )
         self.last_load_report = report
         return report

@@ -16,6 +16,7 @@ Restoring is split in two so that a load is all-or-nothing:
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -192,26 +193,44 @@ def _label(key: str) -> str:
     return "the object passed to load_raw" if key == RAW_KEY else f"state[{key!r}]"
 
 
+def shape_of(value: object) -> tuple[int, ...] | None:
+    """Return the (global) shape of a tensor, DTensor or ShardedTensor; None for other values."""
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    size = getattr(value, "size", None)
+    if type(value).__name__ == "ShardedTensor" and callable(size):
+        return tuple(size())
+    return None
+
+
+def _is_plain_tensor(value: object) -> bool:
+    return type(value) in (torch.Tensor, nn.Parameter)
+
+
 def _module_entry(
-    key: str, module: nn.Module, value: object, strict: bool, path: str
+    key: str, target: StateDict, value: object, strict: bool, path: str
 ) -> tuple[StateDict, EntryReport, list[Binding]]:
     if not isinstance(value, Mapping):
         raise StateMismatchError(
             f"{path}: {_label(key)} is a module but the checkpoint holds a "
             f"{type(value).__name__} there, not a state dict."
         )
-    target = unwrap_module(module).state_dict(keep_vars=True)
     loadable: StateDict = {}
     mismatched = []
     bindings = []
     for name, saved in value.items():
         current = target.get(name)
-        if isinstance(saved, torch.Tensor) and isinstance(current, torch.Tensor):
-            if saved.shape != current.shape:
-                mismatched.append((name, tuple(saved.shape), tuple(current.shape)))
+        saved_shape, current_shape = shape_of(saved), shape_of(current)
+        if saved_shape is not None and current_shape is not None:
+            if saved_shape != current_shape:
+                mismatched.append((name, saved_shape, current_shape))
                 continue
-            if saved.dtype == current.dtype:
-                bindings.append(Binding(saved, current.detach(), loadable, name))
+            if (
+                _is_plain_tensor(saved)
+                and _is_plain_tensor(current)
+                and _same_layout(saved, current)
+            ):
+                bindings.append(Binding(saved, current.detach(), loadable, name))  # type: ignore[union-attr]
         loadable[name] = saved
     report = EntryReport(
         missing_keys=tuple(sorted(set(target) - set(value))),
@@ -250,6 +269,8 @@ def _optimizer_entry(
             f"{path}: {_label(key)} is an optimizer but the checkpoint entry is not an "
             "optimizer state dict (no 'state' and 'param_groups')."
         )
+    if any(isinstance(p, str) for g in groups for p in g.get("params", ())):
+        return []  # keyed by parameter names (DCP's form): its setter checks the structure
     saved_sizes = [len(g.get("params", ())) for g in groups]
     sizes = [len(g["params"]) for g in optimizer.param_groups]
     if saved_sizes != sizes:
@@ -263,7 +284,7 @@ def _optimizer_entry(
         now = current.get(index, {})
         for name, saved in entries.items() if isinstance(entries, dict) else ():
             target = now.get(name)
-            if _same_layout(saved, target):
+            if _is_plain_tensor(target) and _same_layout(saved, target):
                 bindings.append(Binding(saved, target, entries, name))
     return bindings
 
@@ -277,7 +298,18 @@ def _same_layout(saved: object, target: object) -> bool:
     )
 
 
-def plan_restore(path: str, state: State, checkpoint: Checkpoint, strict: bool) -> RestorePlan:
+def module_target(module: nn.Module) -> StateDict:
+    """The tensors a module's ``load_state_dict`` fills: its own, unwrapped (the default)."""
+    return unwrap_module(module).state_dict(keep_vars=True)
+
+
+def plan_restore(
+    path: str,
+    state: State,
+    checkpoint: Checkpoint,
+    strict: bool,
+    target_of: Callable[[nn.Module], StateDict] = module_target,
+) -> RestorePlan:
     """Check that ``checkpoint`` fits ``state`` and plan the restore; change nothing.
 
     Raises:
@@ -295,7 +327,8 @@ def plan_restore(path: str, state: State, checkpoint: Checkpoint, strict: bool) 
             continue
         value = checkpoint[key]
         if isinstance(obj, nn.Module):
-            module_dicts[key], entries[key], found = _module_entry(key, obj, value, strict, path)
+            target = target_of(obj)
+            module_dicts[key], entries[key], found = _module_entry(key, target, value, strict, path)
             bindings += found
         elif isinstance(obj, torch.optim.Optimizer):
             bindings += _optimizer_entry(key, obj, value, path)
@@ -309,27 +342,53 @@ def plan_restore(path: str, state: State, checkpoint: Checkpoint, strict: bool) 
     return RestorePlan(state, checkpoint, strict, report, module_dicts, bindings)
 
 
+def restore_module(module: nn.Module, state_dict: StateDict) -> None:
+    """Load a checked module state dict (the default; FSDP plugs in DCP's setter)."""
+    unwrap_module(module).load_state_dict(state_dict, strict=False)
+
+
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer,
+    state_dict: StateDict,
+    module: nn.Module | None,  # noqa: ARG001 - FSDP's setter needs it; this default does not
+) -> None:
+    """Load a checked optimizer state dict (the default; FSDP plugs in DCP's setter)."""
+    optimizer.load_state_dict(state_dict)
+
+
 def apply_restore(
-    plan: RestorePlan, accepted: set[int] | frozenset[int] = frozenset()
+    plan: RestorePlan,
+    accepted: set[int] | frozenset[int] = frozenset(),
+    load_module: Callable[[nn.Module, StateDict], None] = restore_module,
+    load_optimizer: Callable[
+        [torch.optim.Optimizer, StateDict, nn.Module | None], None
+    ] = restore_optimizer,
+    fill_targets: Callable[[], None] = lambda: None,
 ) -> Checkpoint:
     """Restore every entry of ``plan.state`` in place and return the remainder.
 
-    ``accepted`` holds ``id(binding.source)`` of bindings whose data the reader already wrote into
-    the target; those targets replace the checkpoint tensors, so nothing is copied twice.
-    User ``Stateful`` objects are restored first: they are the ones that may still refuse.
+    ``accepted`` holds ``id(binding.source)`` of bindings whose data ``fill_targets`` writes
+    straight into the target; those targets replace the checkpoint tensors, so nothing is
+    copied twice. User ``Stateful`` objects are restored first, since they are the ones that
+    may still refuse (and are rolled back if one does); only then are targets filled and
+    modules, optimizers and values restored.
     """
     for binding in plan.bindings:
         if id(binding.source) in accepted:
             binding.container[binding.key] = binding.target
     state, checkpoint = plan.state, plan.checkpoint
     present = [key for key in state if key in checkpoint]
-    order = sorted(present, key=lambda k: _restore_rank(state[k]))
-    for key in order:
+    users = [key for key in present if _restore_rank(state[key]) == 0]
+    _restore_user_objects(state, checkpoint, users)
+    fill_targets()
+    for key in present:
         obj = state[key]
+        if key in users:
+            continue
         if isinstance(obj, nn.Module):
-            unwrap_module(obj).load_state_dict(plan.module_dicts[key], strict=False)
-        elif is_stateful(obj):
-            obj.load_state_dict(checkpoint[key])
+            load_module(obj, plan.module_dicts[key])
+        elif isinstance(obj, torch.optim.Optimizer):
+            load_optimizer(obj, checkpoint[key], owner_module(obj, state))
         else:
             state[key] = checkpoint[key]
     if not plan.report.clean:
@@ -337,10 +396,35 @@ def apply_restore(
     return {key: value for key, value in checkpoint.items() if key not in state}
 
 
+def _restore_user_objects(state: State, checkpoint: Checkpoint, keys: list[str]) -> None:
+    """Restore user ``Stateful`` objects; if one refuses, put the ones before it back."""
+    done: list[tuple[Stateful, dict[str, Any]]] = []
+    for key in keys:
+        obj = state[key]
+        backup = copy.deepcopy(obj.state_dict())
+        try:
+            obj.load_state_dict(checkpoint[key])
+        except Exception:
+            for restored, previous in reversed(done):
+                restored.load_state_dict(previous)
+            obj.load_state_dict(backup)
+            raise
+        done.append((obj, backup))
+
+
 def _restore_rank(obj: object) -> int:
     if isinstance(obj, nn.Module | torch.optim.Optimizer):
         return 1
     return 0 if is_stateful(obj) else 2
+
+
+def owner_module(optimizer: torch.optim.Optimizer, state: State) -> nn.Module | None:
+    """Return the module in ``state`` whose parameters ``optimizer`` updates, if there is one."""
+    wanted = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for obj in state.values():
+        if isinstance(obj, nn.Module) and wanted <= {id(p) for p in obj.parameters()}:
+            return obj
+    return None
 
 
 def iter_tensors(tree: object, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+import torch._dynamo
 import torch.distributed as dist
 
 

@@ -4,15 +4,17 @@ Writing streams ``torch.save`` into the sink ``storage.staged_write`` hands us: 
 straight from tensor memory to the file, never through a whole-checkpoint buffer. The result is
 what ``torch.load(path, weights_only=True)`` opens, with no trace of this library.
 
-Reading is two-phase so that a load is all-or-nothing and needs no extra memory:
+Reading is staged so that a load is all-or-nothing and needs no extra memory:
 
 1. ``TorchFileReader.skeleton()`` reads the index and ``data.pkl`` (verified) and unpickles the
    object tree with storages that are not yet read: on local disk, views of a private memory map
    (like ``torch.load(mmap=True)``); elsewhere, allocated but unfilled.
-2. ``materialize(bindings)`` verifies the CRC32 of every record first, then fills: local data is
-   already mapped; *bound* tensors (the caller's parameters and optimizer moments, see
-   ``state.Binding``) are read straight into their target; other storages are read from the
-   source. Only after every check passed is any target written.
+2. ``verify(bindings)`` checks the CRC32 of every record and fills the tree's own storages (local
+   data is already mapped; elsewhere it is read from the source). It writes nothing the caller
+   owns, and picks which *bindings* (the caller's parameters and optimizer moments, see
+   ``state.Binding``) it can honour.
+3. ``fill()`` reads those records straight into their targets. The caller runs it only once
+   everything else has been accepted, so a failed load changes nothing.
 
 Files that are not plain zip checkpoints of tensors (pre-1.6 pickles, TorchScript archives, other
 byte orders, a ``map_location`` other than the CPU) take ``torch.load`` itself, after the same
@@ -32,7 +34,11 @@ import torch
 from torch import _weights_only_unpickler
 
 from lightweight_ckpt.config import settings
-from lightweight_ckpt.errors import CorruptCheckpointError, UnsafeCheckpointError
+from lightweight_ckpt.errors import (
+    CorruptCheckpointError,
+    InvalidCheckpointError,
+    UnsafeCheckpointError,
+)
 from lightweight_ckpt.formats.zip_records import (
     LEGACY_MAGIC,
     Record,
@@ -65,6 +71,17 @@ def byte_view(storage: torch.UntypedStorage) -> memoryview:
     return memoryview(array).cast("B")
 
 
+_REFUSAL_MARKERS = ("global", "class", "Trying to", "weights_only", "allowlist")
+
+
+def _unpickling_error(url: str, err: Exception, weights_only: bool) -> InvalidCheckpointError:
+    """A refused type under ``weights_only`` is unsafe; anything else is damaged data."""
+    message = str(err)
+    if weights_only and any(marker in message for marker in _REFUSAL_MARKERS):
+        return _weights_only_error(url, err)
+    return CorruptCheckpointError(f"{url}: the checkpoint's pickle is damaged: {message}")
+
+
 def _weights_only_error(url: str, err: Exception) -> UnsafeCheckpointError:
     return UnsafeCheckpointError(
         f"{url}: weights_only=True refuses an object in this checkpoint ({err}). If you trust "
@@ -87,7 +104,7 @@ class _FullUnpickler(pickle.Unpickler):
 
 
 class TorchFileReader:
-    """Read one torch zip checkpoint in two phases: ``skeleton()`` then ``materialize()``."""
+    """Read one torch zip checkpoint: ``skeleton()``, then ``verify()``, then ``fill()``."""
 
     def __init__(self, source: Source, weights_only: bool, map_location: MapLocation) -> None:
         self.source = source
@@ -99,6 +116,7 @@ class TorchFileReader:
         self._whole: torch.UntypedStorage | None = None
         self._storages: dict[str, torch.UntypedStorage] = {}
         self._record_by_ptr: dict[int, Record] = {}
+        self._chosen: dict[int, tuple[Record, torch.Tensor]] = {}
         self._tree: Any = None
 
     def skeleton(self) -> Any:
@@ -143,10 +161,13 @@ class TorchFileReader:
         try:
             return unpickler.load()
         except pickle.UnpicklingError as err:
-            if self.weights_only:
-                raise _weights_only_error(self.source.url, err) from err
+            raise _unpickling_error(self.source.url, err, self.weights_only) from err
+        except CorruptCheckpointError:
+            raise
+        except Exception as err:  # a damaged pickle can fail in any way
             raise CorruptCheckpointError(
-                f"{self.source.url}: data.pkl is unreadable: {err}"
+                f"{self.source.url}: the checkpoint's pickle is damaged: "
+                f"{type(err).__name__}: {err}"
             ) from err
 
     def _persistent_load(self, saved_id: tuple[Any, ...]) -> torch.storage.TypedStorage:
@@ -177,29 +198,38 @@ class TorchFileReader:
             self._record_by_ptr[storage.data_ptr()] = record
         return cast("torch.UntypedStorage", storage)
 
-    def materialize(self, bindings: Mapping[int, torch.Tensor]) -> set[int]:
-        """Verify every record, then fill the tree's storages and the bound targets.
+    def verify(self, bindings: Mapping[int, torch.Tensor]) -> set[int]:
+        """Check every record's CRC32 and fill the tree's own storages; write no target.
 
         ``bindings`` maps ``id(tensor in the skeleton)`` to a target tensor of the same shape and
-        dtype. Returns the ids whose data went into their target; those skeleton tensors are
-        left unread and must be replaced by the caller. Both passes run on ``io_threads``
-        threads (CRC32 and ``preadv`` release the GIL), largest records first.
+        dtype. Returns the ids that ``fill()`` will read straight into their target; those
+        skeleton tensors stay unread and the caller must put the targets in their place.
 
         Raises:
             CorruptCheckpointError: a record's CRC32 does not match; nothing has been written.
         """
         if self._tree is None:
             return set()
-        chosen = self._bindable(bindings)
-        self._verify_all(self._names_by_record(), release={r.name for r, _ in chosen.values()})
-        copies = sorted(chosen.values(), key=lambda pair: -pair[0].size)
+        self._chosen = self._bindable(bindings)
+        self._verify_all(
+            self._names_by_record(), release={r.name for r, _ in self._chosen.values()}
+        )
+        return set(self._chosen)
+
+    def fill(self) -> None:
+        """Read the verified records of the honoured bindings into their targets.
+
+        Both passes run on ``io_threads`` threads (CRC32 and ``preadv`` release the GIL),
+        largest records first.
+        """
+        copies = sorted(self._chosen.values(), key=lambda pair: -pair[0].size)
         _parallel(
             lambda pair: self.source.readinto_at(
                 pair[0].offset, byte_view(pair[1].untyped_storage())
             ),
             copies,
         )
-        return set(chosen)
+        self._chosen = {}
 
     def _names_by_record(self) -> dict[str, str]:
         names: dict[str, str] = {}
@@ -263,11 +293,10 @@ class TorchFileReader:
                 weights_only=self.weights_only,
             )
         except pickle.UnpicklingError as err:
-            if self.weights_only:
-                raise _weights_only_error(self.source.url, err) from err
-            raise CorruptCheckpointError(f"{self.source.url}: unreadable: {err}") from err
-        except (RuntimeError, EOFError) as err:
-            raise CorruptCheckpointError(f"{self.source.url}: unreadable: {err}") from err
+            raise _unpickling_error(self.source.url, err, self.weights_only) from err
+        except Exception as err:  # torch.load of damaged bytes can fail in any way
+            detail = f"{type(err).__name__}: {err}".rstrip(": ")
+            raise CorruptCheckpointError(f"{self.source.url}: unreadable ({detail})") from err
 
 
 def _parallel(fn: Callable[[_T], None], items: Sequence[_T]) -> None:

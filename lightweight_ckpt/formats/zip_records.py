@@ -60,7 +60,7 @@ def read_index(source: Source) -> dict[str, Record]:
         raise CorruptCheckpointError(f"{source.url}: the file is empty (0 bytes), not a checkpoint")
     try:
         infos = zipfile.ZipFile(SourceFile(source)).infolist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as err:
         head = source.read_at(0, 4)
         if head == _LOCAL_SIGNATURE:
             raise CorruptCheckpointError(
@@ -73,6 +73,11 @@ def read_index(source: Source) -> dict[str, Record]:
 
 
 def _locate(source: Source, info: zipfile.ZipInfo) -> Record:
+    if not 0 <= info.header_offset < source.size:
+        raise CorruptCheckpointError(
+            f"{source.url}: damaged archive directory: record {info.filename!r} is said to start "
+            f"at byte {info.header_offset} of {source.size}"
+        )
     header = source.read_at(info.header_offset, _LOCAL_HEADER.size)
     if len(header) != _LOCAL_HEADER.size:
         raise CorruptCheckpointError(f"{source.url}: record {info.filename!r} lies past the end")

@@ -17,28 +17,35 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Protocol
 
+from lightweight_ckpt.formats import dcp_dir
+from lightweight_ckpt.storage import resolve
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
     from types import TracebackType
 
     import torch
+    from torch.distributed.checkpoint.metadata import Metadata
 
     from lightweight_ckpt.types import Checkpoint, MapLocation, StorageOptions, StrPath
 
 
 class CheckpointReader(Protocol):
-    """Two-phase read of one checkpoint (see ``formats.torch_file``).
+    """Staged read of one checkpoint (see ``formats.torch_file``).
 
-    ``skeleton()`` returns the object tree; ``materialize(bindings)`` checks and fills it, writing
-    bound tensors straight into their targets, and returns the ids of the bindings it honoured.
-    Nothing the caller owns is written before every check has passed.
+    ``skeleton()`` returns the object tree; ``verify(bindings)`` checks and fills it and returns
+    the ids of the bindings it will honour; ``fill()`` then writes those straight into their
+    targets. Nothing the caller owns is written before ``fill()``.
     """
 
     def skeleton(self) -> Any:
         """Return the checkpoint's object tree (tensor data may not be read yet)."""
 
-    def materialize(self, bindings: Mapping[int, torch.Tensor]) -> set[int]:
-        """Verify and fill the tree; return the ids of honoured bindings."""
+    def verify(self, bindings: Mapping[int, torch.Tensor]) -> set[int]:
+        """Check and fill the tree; return the ids of the bindings ``fill()`` will honour."""
+
+    def fill(self) -> None:
+        """Write the honoured bindings' data into their targets."""
 
     def close(self) -> None:
         """Release files."""
@@ -62,9 +69,12 @@ class LoadedReader:
         """Return the loaded checkpoint."""
         return self._checkpoint
 
-    def materialize(self, bindings: Mapping[int, torch.Tensor]) -> set[int]:
+    def verify(self, bindings: Mapping[int, torch.Tensor]) -> set[int]:
         """Honour no binding: the data is in memory already."""
         return set()
+
+    def fill(self) -> None:
+        """Nothing to write."""
 
     def close(self) -> None:
         """Nothing to release."""
@@ -115,6 +125,69 @@ class CheckpointIO(ABC):
     def stage(self, checkpoint: Checkpoint) -> Checkpoint:
         """Return the checkpoint to encode: identity here; XLA and async IO copy to host memory."""
         return checkpoint
+
+    # -- sharded checkpoints (a directory, one piece per rank; see formats.dcp_dir) -----------
+
+    def is_sharded(self, path: StrPath, storage_options: StorageOptions | None = None) -> bool:
+        """Return True if ``path`` holds a sharded checkpoint (a directory)."""
+        return dcp_dir.is_sharded(resolve(path, storage_options))
+
+    def prepare_sharded(
+        self, path: StrPath, version: str, storage_options: StorageOptions | None = None
+    ) -> None:
+        """Make ``path`` ready for this rank's piece of ``version`` (before any collective)."""
+        dcp_dir.prepare(resolve(path, storage_options), version)
+
+    def save_sharded(
+        self,
+        checkpoint: Checkpoint,
+        path: StrPath,
+        version: str,
+        storage_options: StorageOptions | None = None,
+    ) -> None:
+        """Write this rank's piece of an already staged checkpoint (a collective).
+
+        The save commits when rank 0 publishes ``.metadata``, after every rank wrote its piece.
+        A failure on any rank raises on every rank (DCP gathers the errors).
+        """
+        location = resolve(path, storage_options)
+        dcp_dir.write(checkpoint, location, version, storage_options)
+
+    def finish_sharded(
+        self, path: StrPath, version: str, storage_options: StorageOptions | None = None
+    ) -> None:
+        """Remove the versions the commit replaced (rank 0, after every rank saw the commit)."""
+        dcp_dir.remove_stale_versions(resolve(path, storage_options), keep=version)
+
+    def read_sharded_metadata(
+        self, path: StrPath, storage_options: StorageOptions | None = None
+    ) -> Metadata:
+        """Return the committed sharded checkpoint's DCP metadata (keys, shapes, dtypes)."""
+        return dcp_dir.read_metadata(resolve(path, storage_options), storage_options)
+
+    def load_sharded(
+        self,
+        template: Checkpoint,
+        path: StrPath,
+        *,
+        weights_only: bool | None = None,
+        storage_options: StorageOptions | None = None,
+    ) -> None:
+        """Fill ``template`` (sharded or full tensors) in place (every rank calls it)."""
+        location = resolve(path, storage_options)
+        dcp_dir.read(template, location, storage_options, weights_only is not False)
+
+    def load_sharded_full(
+        self,
+        path: StrPath,
+        keys: set[str] | None = None,
+        *,
+        weights_only: bool | None = None,
+        storage_options: StorageOptions | None = None,
+    ) -> Checkpoint:
+        """Return a sharded checkpoint's entries (all, or ``keys``) as full tensors, locally."""
+        location = resolve(path, storage_options)
+        return dcp_dir.read_all(location, storage_options, weights_only is not False, keys)
 
     def open_checkpoint(
         self,

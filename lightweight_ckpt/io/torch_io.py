@@ -66,9 +66,7 @@ class TorchCheckpointIO(CheckpointIO):
             except CheckpointError:
                 raise
             except Exception as err:
-                raise CheckpointWriteError(
-                    f"{location.url}: could not serialize the checkpoint: {err}"
-                ) from err
+                raise CheckpointWriteError(f"{location.url}: {_write_failure(err)}") from err
             nbytes = sink.tell()
         log_transfer("saved", location.url, nbytes, time.perf_counter() - start)
 
@@ -76,11 +74,10 @@ class TorchCheckpointIO(CheckpointIO):
         self, path: StrPath, map_location: MapLocation = None, weights_only: bool | None = None
     ) -> Any:
         """Read and verify the checkpoint at ``path``; tensors land on the CPU by default."""
-        with self.open_checkpoint(
-            path, map_location=map_location, weights_only=weights_only
-        ) as reader:
+        with self._open(path, map_location, weights_only, None) as reader:
             checkpoint = reader.skeleton()
-            reader.materialize({})
+            reader.verify({})
+            reader.fill()
         return checkpoint
 
     def open_checkpoint(
@@ -99,6 +96,15 @@ class TorchCheckpointIO(CheckpointIO):
                 weights_only=weights_only,
                 storage_options=storage_options,
             )
+        return self._open(path, map_location, weights_only, storage_options)
+
+    def _open(
+        self,
+        path: StrPath,
+        map_location: MapLocation,
+        weights_only: bool | None,
+        storage_options: StorageOptions | None,
+    ) -> _TimedReader:
         location = self._resolve(path, storage_options)
         source = open_source(location)
         reader = torch_file.TorchFileReader(
@@ -111,6 +117,16 @@ class TorchCheckpointIO(CheckpointIO):
         remove(self._resolve(path, None))
 
 
+def _write_failure(err: BaseException) -> str:
+    """Describe a failed ``torch.save``: the OS error underneath if there is one (disk full)."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, OSError):
+            return f"write failed: {cause}"
+        cause = cause.__cause__ or cause.__context__
+    return f"could not serialize the checkpoint: {err}"
+
+
 class _TimedReader:
     """Close the source when done and log the load's throughput."""
 
@@ -121,11 +137,13 @@ class _TimedReader:
     def skeleton(self) -> Any:
         return self._reader.skeleton()
 
-    def materialize(self, bindings: Mapping[int, torch.Tensor]) -> set[int]:
-        accepted = self._reader.materialize(bindings)
+    def verify(self, bindings: Mapping[int, torch.Tensor]) -> set[int]:
+        return self._reader.verify(bindings)
+
+    def fill(self) -> None:
+        self._reader.fill()
         source = self._reader.source
         log_transfer("loaded", source.url, source.size, time.perf_counter() - self._start)
-        return accepted
 
     def close(self) -> None:
         self._reader.source.close()

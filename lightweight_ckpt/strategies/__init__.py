@@ -5,7 +5,8 @@
 
 from lightweight_ckpt.strategies.base import Strategy
 from lightweight_ckpt.strategies.ddp import DDPStrategy
+from lightweight_ckpt.strategies.fsdp import FSDPStrategy
 from lightweight_ckpt.strategies.selection import select_strategy
 from lightweight_ckpt.strategies.single_device import SingleDeviceStrategy
 
-__all__ = ["DDPStrategy", "SingleDeviceStrategy", "Strategy", "select_strategy"]
+__all__ = ["DDPStrategy", "FSDPStrategy", "SingleDeviceStrategy", "Strategy", "select_strategy"]

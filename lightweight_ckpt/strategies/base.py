@@ -1,17 +1,24 @@
 """``Strategy``: the save/load/load_raw pipeline every strategy shares, and its hooks.
 
-The pipeline is written once, here. A strategy changes *who* writes and reads, *which* layout
-and *how* state dicts are produced by overriding small hooks, never the pipeline:
+The pipeline is written once, here. A strategy changes *who* writes, *which* layout and *how*
+state dicts are produced and restored by overriding small hooks, never the pipeline:
 
-- ``module_state_dict(module)`` / ``optimizer_state_dict(optimizer)``: the state dicts to save
-  (FSDP returns sharded ones through DCP's state-dict API);
-- ``write(checkpoint, path, storage_options)``: write the checkpoint (single device: this
-  process; DDP: rank 0; sharded: every rank its piece);
-- ``map_location``: where loaded tensors go before ``load_state_dict`` copies them.
+- ``module_state_dict`` / ``optimizer_state_dict``: the state dicts to save (FSDP: sharded or
+  full ones through DCP's state-dict API);
+- ``module_target`` / ``load_module_state_dict`` / ``load_optimizer_state_dict``: what a load
+  compares against and how it restores (FSDP: DCP's setters);
+- ``check_state``: refuse state the strategy cannot handle, before any collective;
+- ``write``: who writes (single device: this process; DDP: rank 0; sharded: every rank a piece).
 
-Save: collect (convert + filter) → ``write`` inside ``run_on_all_ranks`` (a failure on any rank
-raises on all). Load: open a two-phase reader → ``plan_restore`` (checks everything, changes
-nothing) → ``materialize`` (verify, then read into targets) → ``apply_restore``.
+Save: check → agree on the path → collect (convert + filter) → ``write``; a failure on any rank
+raises on every rank.
+
+Load, single file: open a staged reader → ``plan_restore`` (checks everything, changes nothing)
+→ ``verify`` (CRC32, fill the reader's own tensors) → ``apply_restore`` (user objects first,
+then ``fill`` reads into the targets, then the rest).
+
+Load, sharded directory: read the metadata → check keys and shapes → build a template from the
+hooks (sharded where the modules are) → DCP fills it → ``apply_restore``.
 """
 
 from __future__ import annotations
@@ -23,13 +30,20 @@ from torch import nn
 
 from lightweight_ckpt import collectives
 from lightweight_ckpt.errors import InvalidCheckpointError
+from lightweight_ckpt.formats.dcp_dir import top_level_keys
 from lightweight_ckpt.io import CheckpointIO, TorchCheckpointIO
 from lightweight_ckpt.state import (
     RAW_KEY,
     LoadReport,
+    RestorePlan,
     apply_restore,
+    check_requested_keys,
     collect,
+    is_stateful,
+    owner_module,
     plan_restore,
+    restore_module,
+    restore_optimizer,
     to_state_dict,
     unwrap_module,
 )
@@ -79,16 +93,32 @@ class Strategy:
 
     # -- hooks -------------------------------------------------------------------------------
 
+    def check_state(self, state: State) -> None:
+        """Raise if this strategy cannot handle ``state`` (called before any collective)."""
+
     def module_state_dict(self, module: nn.Module) -> StateDict:
         """Return the state dict to save for ``module`` (wrappers removed)."""
         return unwrap_module(module).state_dict()
 
-    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> StateDict:
-        """Return the state dict to save for ``optimizer``."""
+    def optimizer_state_dict(
+        self, module: nn.Module | None, optimizer: torch.optim.Optimizer
+    ) -> StateDict:
+        """Return the state dict to save for ``optimizer`` (``module``: the one it updates)."""
         return optimizer.state_dict()
 
-    def check_state(self, state: State) -> None:
-        """Raise if this strategy cannot handle ``state`` (called before any collective)."""
+    def module_target(self, module: nn.Module) -> StateDict:
+        """Return the tensors a load of ``module`` is checked against (and may read into)."""
+        return unwrap_module(module).state_dict(keep_vars=True)
+
+    def load_module_state_dict(self, module: nn.Module, state_dict: StateDict) -> None:
+        """Restore ``module`` from a checked state dict."""
+        restore_module(module, state_dict)
+
+    def load_optimizer_state_dict(
+        self, optimizer: torch.optim.Optimizer, state_dict: StateDict, module: nn.Module | None
+    ) -> None:
+        """Restore ``optimizer`` from a checked state dict."""
+        restore_optimizer(optimizer, state_dict, module)
 
     def write(
         self, checkpoint: Checkpoint, path: StrPath, storage_options: StorageOptions | None
@@ -101,12 +131,12 @@ class Strategy:
 
     # -- pipeline ----------------------------------------------------------------------------
 
-    def convert(self, obj: object) -> Any:
+    def convert(self, obj: object, state: State) -> Any:
         """Turn one state value into what is saved, through the state-dict hooks."""
         if isinstance(obj, nn.Module):
             return self.module_state_dict(obj)
         if isinstance(obj, torch.optim.Optimizer):
-            return self.optimizer_state_dict(obj)
+            return self.optimizer_state_dict(owner_module(obj, state), obj)
         return to_state_dict(obj)
 
     @final
@@ -120,7 +150,7 @@ class Strategy:
         """Collect ``state``, apply ``filter`` and write it; raise on every rank if any failed."""
         self.check_state(state)
         path = collectives.broadcast_object(path)  # rank 0's path wins, as in Lightning
-        checkpoint = collect(state, filter or {}, self.convert)
+        checkpoint = collect(state, filter or {}, lambda obj: self.convert(obj, state))
         collectives.run_on_all_ranks("save", lambda: self.write(checkpoint, path, storage_options))
 
     @final
@@ -140,11 +170,16 @@ class Strategy:
         if state:
             self.check_state(state)
         path = collectives.broadcast_object(path)
+        sharded = collectives.run_on_all_ranks(
+            "open", lambda: self.checkpoint_io.is_sharded(path, storage_options)
+        )
+        if sharded:
+            return self._load_sharded(path, state, strict, weights_only, storage_options)
         return collectives.run_on_all_ranks(
-            "load", lambda: self._load(path, state, strict, weights_only, storage_options)
+            "load", lambda: self._load_file(path, state, strict, weights_only, storage_options)
         )
 
-    def _load(
+    def _load_file(
         self,
         path: StrPath,
         state: State | None,
@@ -161,16 +196,89 @@ class Strategy:
         with reader:
             checkpoint = reader.skeleton()
             if not state:
-                reader.materialize({})
+                reader.verify({})
+                reader.fill()
                 return checkpoint, None
             if not isinstance(checkpoint, dict):
                 raise InvalidCheckpointError(
                     f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint dict. "
                     "Use load_raw() for a file of one state dict."
                 )
-            plan = plan_restore(str(path), state, checkpoint, strict)
-            accepted = reader.materialize({id(b.source): b.target for b in plan.bindings})
-        return apply_restore(plan, accepted), plan.report
+            plan = plan_restore(str(path), state, checkpoint, strict, self.module_target)
+            accepted = reader.verify({id(b.source): b.target for b in plan.bindings})
+            remainder = apply_restore(
+                plan,
+                accepted,
+                self.load_module_state_dict,
+                self.load_optimizer_state_dict,
+                reader.fill,
+            )
+        return remainder, plan.report
+
+    def _load_sharded(
+        self,
+        path: StrPath,
+        state: State | None,
+        strict: bool,
+        weights_only: bool | None,
+        storage_options: StorageOptions | None,
+    ) -> tuple[Any, LoadReport | None]:
+        io = self.checkpoint_io
+        if not state:
+            collectives.run_on_all_ranks(
+                "open", lambda: io.read_sharded_metadata(path, storage_options)
+            )
+            full = collectives.run_on_all_ranks(
+                "load",
+                lambda: io.load_sharded_full(
+                    path, weights_only=weights_only, storage_options=storage_options
+                ),
+            )
+            return full, None
+        # 1. on every rank: read the metadata, check keys/shapes, build the template; agree.
+        template, plan = collectives.run_on_all_ranks(
+            "plan load", lambda: self._plan_sharded(path, state, strict, storage_options)
+        )
+        # 2. a collective: DCP fills the stateful entries' (sharded) template in place.
+        io.load_sharded(template, path, weights_only=weights_only, storage_options=storage_options)
+        # 3. plain values and the remainder are read whole; then restore everything in place.
+        plain = {k for k, v in plan.checkpoint.items() if k not in template}
+        values = io.load_sharded_full(
+            path,
+            plain | set(plan.report.remainder_keys),
+            weights_only=weights_only,
+            storage_options=storage_options,
+        )
+        plan.checkpoint.update(template)
+        plan.checkpoint.update({k: values[k] for k in plain})
+        plan.module_dicts.update({k: template[k] for k in plan.module_dicts})
+        remainder = collectives.run_on_all_ranks(
+            "restore",
+            lambda: apply_restore(
+                plan, frozenset(), self.load_module_state_dict, self.load_optimizer_state_dict
+            ),
+        )
+        remainder.update({k: values[k] for k in plan.report.remainder_keys})
+        return remainder, plan.report
+
+    def _plan_sharded(
+        self, path: StrPath, state: State, strict: bool, storage_options: StorageOptions | None
+    ) -> tuple[Checkpoint, RestorePlan]:
+        metadata = self.checkpoint_io.read_sharded_metadata(path, storage_options)
+        available = top_level_keys(metadata)
+        if strict:
+            check_requested_keys(str(path), list(state), available)
+        present = {k: obj for k, obj in state.items() if k in available}
+        stateful = {k: obj for k, obj in present.items() if is_stateful(obj)}
+        template = collect(stateful, {}, lambda obj: self.convert(obj, state))
+        saved = _saved_entries(metadata, available, template, state)
+        saved.update({k: None for k in present if k not in stateful})  # read whole later
+        plan = plan_restore(str(path), present, saved, strict, self.module_target)
+        for key, entry in plan.module_dicts.items():  # keep what matched, as the plan decided
+            template[key] = {name: template[key][name] for name in entry if name in template[key]}
+        plan.state = state
+        plan.report = _with_missing(plan.report, state, available)
+        return template, plan
 
     @final
     def load_raw(
@@ -207,11 +315,50 @@ class Strategy:
                 raise InvalidCheckpointError(
                     f"{path}: holds a {type(state_dict).__name__}, not a state dict"
                 )
-            plan = plan_restore(str(path), {RAW_KEY: obj}, {RAW_KEY: state_dict}, strict)
-            accepted = reader.materialize({id(b.source): b.target for b in plan.bindings})
-        apply_restore(plan, accepted)
+            state = {RAW_KEY: obj}
+            plan = plan_restore(str(path), state, {RAW_KEY: state_dict}, strict, self.module_target)
+            accepted = reader.verify({id(b.source): b.target for b in plan.bindings})
+            apply_restore(
+                plan,
+                accepted,
+                self.load_module_state_dict,
+                self.load_optimizer_state_dict,
+                reader.fill,
+            )
         return plan.report
 
     def teardown(self) -> None:
         """Release the IO plugin's resources."""
         self.checkpoint_io.teardown()
+
+
+def _saved_entries(
+    metadata: Any,
+    available: dict[str, list[str]],
+    template: Checkpoint,
+    state: State,
+) -> Checkpoint:
+    """Describe each saved module entry as ``{name: meta tensor of the saved shape}``.
+
+    Module entries are compared by name and shape before any data is read; the other entries
+    pass through from the template (DCP and their own setters check their structure).
+    """
+    saved: Checkpoint = {}
+    for key, value in template.items():
+        if not isinstance(state[key], nn.Module):
+            saved[key] = value
+            continue
+        entry = {}
+        for fqn in available[key]:
+            size = getattr(metadata.state_dict_metadata[fqn], "size", None)
+            meta = torch.empty(tuple(size), device="meta") if size is not None else None
+            entry[fqn.removeprefix(f"{key}.")] = meta
+        saved[key] = entry
+    return saved
+
+
+def _with_missing(report: LoadReport, state: State, available: dict[str, list[str]]) -> LoadReport:
+    """Report the state keys the checkpoint lacks and the entries it holds beyond ``state``."""
+    missing = tuple(sorted(k for k in state if k not in available))
+    remainder = tuple(k for k in available if k not in state)
+    return LoadReport(report.path, report.strict, report.entries, missing, remainder)

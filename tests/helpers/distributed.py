@@ -9,6 +9,7 @@ rank's traceback is re-raised in the test, naming the rank. Nothing is mocked.
 
 from __future__ import annotations
 
+import datetime
 import multiprocessing as mp
 import os
 import traceback
@@ -19,6 +20,7 @@ from typing import Any
 import torch.distributed as dist
 
 TIMEOUT_S = 120.0
+COLLECTIVE_TIMEOUT_S = 60  # a hang in a collective fails the test instead of waiting 30 min
 
 
 def _entry(  # noqa: PLR0917 - a Process target takes positional arguments
@@ -32,7 +34,11 @@ def _entry(  # noqa: PLR0917 - a Process target takes positional arguments
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
         dist.init_process_group(
-            "gloo", init_method=f"file://{store_file}", rank=rank, world_size=world_size
+            "gloo",
+            init_method=f"file://{store_file}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
         )
         try:
             body(rank, world_size, *args)

@@ -78,6 +78,7 @@ def _rank_zero_fails(rank: int, world_size: int, directory: str) -> None:
     fabric = Fabric(strategy="ddp")
     fabric.save(path, {"model": model})
     good = torch.load(path, weights_only=True)["model"]  # rank 0's state
+    fabric.barrier()
     if rank == 0:
         os.rename(path, path + ".bak")
         os.mkdir(path)  # a directory in the way: rank 0's write fails

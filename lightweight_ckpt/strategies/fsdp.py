@@ -1,0 +1,141 @@
+"""``FSDPStrategy``: FSDP1 and FSDP2 models, sharded or full checkpoints, through DCP.
+
+State dicts come from ``torch.distributed.checkpoint.state_dict`` (``get_model_state_dict`` /
+``get_optimizer_state_dict``), which handle ``FullyShardedDataParallel`` (FSDP1) and
+``fully_shard`` (FSDP2, DTensor) alike, so the module kind is detected, never configured.
+
+- ``state_dict_type="sharded"``: every rank writes its piece of one directory in the DCP format
+  (``formats.dcp_dir``: fresh version folder, ``.metadata`` committed last by rank 0). It loads at
+  any world size (DCP reshards) and into plain modules in one process.
+- ``state_dict_type="full"``: parameters are gathered to rank 0 on the CPU and rank 0 writes one
+  ``torch.load``-compatible file, like ``DDPStrategy``.
+
+Loading a single file (full, DDP or a plain ``torch.save`` state dict) into sharded modules
+scatters the full tensors through ``set_model_state_dict``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
+
+from lightweight_ckpt import collectives
+from lightweight_ckpt.formats.dcp_dir import new_version
+from lightweight_ckpt.strategies.base import Strategy
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from lightweight_ckpt.io import CheckpointIO
+    from lightweight_ckpt.types import Checkpoint, StateDict, StorageOptions, StrPath
+
+StateDictType = Literal["sharded", "full"]
+
+
+def _holds_shards(state_dict: StateDict) -> bool:
+    """True if a state dict holds sharded tensors (DTensor / ShardedTensor) anywhere."""
+    stack: list[object] = [state_dict]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, DTensor) or type(value).__name__ == "ShardedTensor":
+            return True
+        if isinstance(value, dict):
+            stack.extend(value.values())
+    return False
+
+
+class FSDPStrategy(Strategy):
+    """Checkpoints of ``FullyShardedDataParallel`` / ``fully_shard`` models.
+
+    Args:
+        checkpoint_io: the IO plugin for every read and write (default ``TorchCheckpointIO``).
+        state_dict_type: ``"sharded"`` (a DCP directory, one piece per rank) or ``"full"``
+            (one file written by rank 0).
+    """
+
+    def __init__(
+        self, checkpoint_io: CheckpointIO | None = None, state_dict_type: StateDictType = "sharded"
+    ) -> None:
+        if state_dict_type not in ("sharded", "full"):
+            raise ValueError(
+                f"state_dict_type must be 'sharded' or 'full', not {state_dict_type!r}"
+            )
+        super().__init__(checkpoint_io)
+        self.state_dict_type: StateDictType = state_dict_type
+
+    def _options(self, module: nn.Module, full: bool, strict: bool = True) -> StateDictOptions:
+        # Full state dicts are gathered to rank 0's CPU where parameters live on an accelerator;
+        # on the CPU there is nothing to offload (and FSDP1's rank-0-only gather breaks there).
+        on_accelerator = any(p.device.type != "cpu" for p in module.parameters())
+        return StateDictOptions(
+            full_state_dict=full, cpu_offload=full and on_accelerator, strict=strict
+        )
+
+    def module_state_dict(self, module: nn.Module) -> StateDict:
+        """Return the sharded (or, for ``"full"``, gathered-to-rank-0) model state dict."""
+        options = self._options(module, full=self.state_dict_type == "full")
+        return get_model_state_dict(module, options=options)
+
+    def optimizer_state_dict(
+        self, module: nn.Module | None, optimizer: torch.optim.Optimizer
+    ) -> StateDict:
+        """Return the optimizer state keyed by parameter names (sharded or full)."""
+        if module is None:
+            raise ValueError(
+                "an optimizer in the state updates parameters of no module in the state; "
+                "FSDP checkpoints need the model beside its optimizer"
+            )
+        options = self._options(module, full=self.state_dict_type == "full")
+        return get_optimizer_state_dict(module, optimizer, options=options)
+
+    def module_target(self, module: nn.Module) -> StateDict:
+        """Compare loads against the module's sharded state dict (global shapes)."""
+        return get_model_state_dict(module, options=self._options(module, full=False))
+
+    def load_module_state_dict(self, module: nn.Module, state_dict: StateDict) -> None:
+        """Scatter full tensors or place shards through DCP's setter."""
+        full = not _holds_shards(state_dict)
+        set_model_state_dict(
+            module, state_dict, options=self._options(module, full=full, strict=False)
+        )
+
+    def load_optimizer_state_dict(
+        self, optimizer: torch.optim.Optimizer, state_dict: StateDict, module: nn.Module | None
+    ) -> None:
+        """Restore optimizer state keyed by parameter names through DCP's setter."""
+        if module is None:
+            raise ValueError("an FSDP optimizer can only be restored beside its model")
+        full = not _holds_shards(state_dict)
+        set_optimizer_state_dict(
+            module, optimizer, state_dict, options=self._options(module, full=full, strict=False)
+        )
+
+    def write(
+        self, checkpoint: Checkpoint, path: StrPath, storage_options: StorageOptions | None
+    ) -> None:
+        """Sharded: every rank writes its piece, rank 0 commits. Full: rank 0 writes a file."""
+        if self.state_dict_type == "full":
+            if self.is_global_zero:
+                super().write(checkpoint, path, storage_options)
+            return
+        io = self.checkpoint_io
+        version = collectives.broadcast_object(new_version())
+
+        def prepare() -> Checkpoint:  # everything that may fail on one rank, agreed on first
+            io.prepare_sharded(path, version, storage_options)
+            return io.stage(checkpoint)
+
+        staged = collectives.run_on_all_ranks("prepare sharded save", prepare)
+        io.save_sharded(staged, path, version, storage_options)
+        collectives.barrier()  # every rank saw the commit before the old version goes
+        if self.is_global_zero:
+            io.finish_sharded(path, version, storage_options)
