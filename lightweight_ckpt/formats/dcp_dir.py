@@ -33,7 +33,11 @@ from torch.distributed.checkpoint.default_planner import (
     _EmptyStateDictLoadPlanner,
 )
 from torch.distributed.checkpoint.filesystem import _StoragePrefix
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    Metadata,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
@@ -249,3 +253,52 @@ def read_all(
         no_dist=True,
     )
     return checkpoint
+
+
+def skeleton(metadata: Metadata) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[str]]:
+    """Build the checkpoint's tree with full-size tensors that are allocated but not read.
+
+    Returns ``(tree, {item name: tensor}, [names of non-tensor items])``. Untouched tensor
+    memory is not resident, so this costs next to nothing until the tensors are filled.
+    """
+    tree: dict[str, Any] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    values: list[str] = []
+    mappings = metadata.planner_data or {}
+    for fqn, item in metadata.state_dict_metadata.items():
+        path = mappings.get(fqn, (fqn,))
+        if isinstance(item, TensorStorageMetadata):
+            tensors[fqn] = torch.empty(tuple(item.size), dtype=item.properties.dtype)
+            set_element(tree, path, tensors[fqn])
+        else:
+            values.append(fqn)
+    return tree, tensors, values
+
+
+def read_items(
+    location: Location, storage_options: Any, items: dict[str, Any], weights_only: bool
+) -> None:
+    """Fill ``{item name: tensor or None}`` in place from the checkpoint, in this process only."""
+    _load_state_dict(
+        items,
+        storage_reader=FsspecReader(location.url, **dict(storage_options or {})),
+        planner=_SafeLoadPlanner(location.url, weights_only),
+        no_dist=True,
+    )
+
+
+def read_values(
+    location: Location,
+    storage_options: Any,
+    metadata: Metadata,
+    tree: dict[str, Any],
+    names: list[str],
+    *,
+    weights_only: bool,
+) -> None:
+    """Read the non-tensor items ``names`` and put them into ``tree`` where they belong."""
+    values: dict[str, Any] = dict.fromkeys(names)
+    read_items(location, storage_options, values, weights_only)
+    mappings = metadata.planner_data or {}
+    for name, value in values.items():
+        set_element(tree, mappings.get(name, (name,)), value)

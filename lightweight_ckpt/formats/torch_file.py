@@ -318,3 +318,44 @@ def _whole_storage(tensor: torch.Tensor) -> bool:
         and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
         and tensor.numel() > 0
     )
+
+
+class _FillingWriter:
+    """Torch's zip writer, filling each storage just before its bytes go out, then freeing it."""
+
+    def __init__(self, writer: Any, fill: Callable[[torch.UntypedStorage], None]) -> None:
+        self._writer = writer
+        self._fill = fill
+
+    def write_record(self, name: str, data: Any, nbytes: int) -> None:
+        if isinstance(data, torch.UntypedStorage):
+            self._fill(data)
+            self._writer.write_record(name, data, nbytes)
+            data.resize_(0)  # the bytes are in the file: give the memory back
+        else:
+            self._writer.write_record(name, data, nbytes)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._writer, name)
+
+
+def write_streamed(
+    checkpoint: Any,
+    fill: Callable[[torch.UntypedStorage], None],
+    sink: Sink,
+) -> None:
+    """Write a torch zip archive whose tensors are read one at a time, just in time.
+
+    ``checkpoint``'s tensors are allocated but unread (untouched memory costs nothing);
+    ``fill(storage)`` reads one storage's bytes right before torch's own writer streams them,
+    and the storage is freed after. Peak memory is the largest tensor, not the checkpoint. The
+    pickling and record layout are ``torch.save``'s own (``torch.serialization._save``).
+    """
+    with torch.serialization._open_zipfile_writer(cast("IO[bytes]", sink)) as zip_file:
+        torch.serialization._save(  # type: ignore[no-untyped-call]
+            checkpoint,
+            _FillingWriter(zip_file, fill),
+            pickle,
+            torch.serialization.DEFAULT_PROTOCOL,
+            False,
+        )

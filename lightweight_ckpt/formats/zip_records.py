@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - isal ships wheels for every common pla
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")
 _LOCAL_SIGNATURE = b"PK\x03\x04"
-_WINDOW_BYTES = 64 * 1024 * 1024
+_WINDOW_BYTES = 16 * 1024 * 1024
 LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
 """How a pre-1.6 (non-zip) ``torch.save`` file starts."""
 

@@ -1,0 +1,100 @@
+"""``python -m lightweight_ckpt consolidate``: sharded → one torch.load file, bounded memory."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+from lightweight_ckpt import Fabric
+from lightweight_ckpt.io import TorchCheckpointIO
+from tests.helpers.asserts import assert_states_equal
+
+TENSORS = 8
+TENSOR_MB = 24
+
+
+def _sharded_checkpoint(path: Path) -> dict[str, object]:
+    torch.manual_seed(0)
+    numel = TENSOR_MB * 2**20 // 4
+    checkpoint = {
+        "model": {f"layer{i}.weight": torch.randn(numel) for i in range(TENSORS)},
+        "step": 7,
+        "hparams": {"lr": 0.1, "sizes": [1, 2]},
+    }
+    io = TorchCheckpointIO()
+    io.prepare_sharded(str(path), "v-test")
+    io.save_sharded(checkpoint, str(path), "v-test")
+    return checkpoint
+
+
+def test_consolidate_writes_a_torch_load_file(tmp_path: Path) -> None:
+    expected = _sharded_checkpoint(tmp_path / "sharded")
+    out = tmp_path / "full.pt"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightweight_ckpt",
+            "consolidate",
+            str(tmp_path / "sharded"),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert_states_equal(torch.load(out, weights_only=True), expected)
+    assert_states_equal(Fabric().load(out), expected)  # and it passes our CRC checks
+
+
+def test_consolidate_memory_is_bounded_by_the_largest_tensor(tmp_path: Path) -> None:
+    _sharded_checkpoint(tmp_path / "sharded")
+    script = textwrap.dedent(
+        f"""
+        import resource
+        import torch
+        from lightweight_ckpt.cli import consolidate
+        def peak_mb():
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        torch.ones(1)
+        before = peak_mb()
+        consolidate({str(tmp_path / "sharded")!r}, {str(tmp_path / "full.pt")!r})
+        print(peak_mb() - before)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    growth_mb = float(result.stdout.strip().splitlines()[-1])
+    checkpoint_mb = TENSORS * TENSOR_MB
+    # the whole checkpoint is 192 MiB; one tensor is 24 MiB (DCP reads it through a buffer too)
+    assert growth_mb < checkpoint_mb / 2, f"peak grew {growth_mb:.0f} MiB for {checkpoint_mb} MiB"
+
+
+def test_consolidate_errors(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightweight_ckpt",
+            "consolidate",
+            str(tmp_path / "empty"),
+            str(tmp_path / "x.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "not a sharded checkpoint" in result.stderr
+    assert str(tmp_path / "empty") in result.stderr
+    assert not (tmp_path / "x.pt").exists()
