@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,3 +23,64 @@ def test_quickstart_runs(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "quickstart: all steps passed" in result.stdout
     assert (tmp_path / "last.ckpt").is_file()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _torchrun(*args: str, nproc: int = 2, extra: tuple[str, ...] = ()) -> subprocess.Popen[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        *extra,
+        *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+
+
+def _finish(proc: subprocess.Popen[str]) -> str:
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+    return out
+
+
+@pytest.mark.distributed
+def test_ddp_example_saves_and_resumes(tmp_path: Path) -> None:
+    script = str(ROOT / "examples" / "ddp.py")
+    first = _finish(_torchrun("--standalone", script, "--dir", str(tmp_path), "--steps", "3"))
+    assert "saved step 3" in first
+    second = _finish(_torchrun("--standalone", script, "--dir", str(tmp_path), "--steps", "2"))
+    assert "resumed at step 3: weights match the file" in second
+    assert "saved step 5" in second
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp_example_two_nodes_then_resume_at_another_world_size(tmp_path: Path) -> None:
+    """Two torchrun launches of 2 processes each, joined by a c10d rendezvous on 127.0.0.1."""
+    script = str(ROOT / "examples" / "fsdp.py")
+    rendezvous = (
+        "--nnodes=2",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
+        "--rdzv-id=lwckpt-test",
+    )
+    nodes = [
+        _torchrun(script, "--dir", str(tmp_path), "--steps", "3", extra=rendezvous) for _ in "ab"
+    ]
+    outputs = [_finish(node) for node in nodes]
+    assert any("saved step 3 at world size 4" in out for out in outputs)
+    assert min(os.listdir(tmp_path / "sharded")) == ".metadata"
+    resumed = _finish(_torchrun("--standalone", script, "--dir", str(tmp_path), "--steps", "1"))
+    assert "resumed step 3 (saved at world size 4) at world size 2" in resumed
+    assert "resumed weights match the saved ones" in resumed
