@@ -260,7 +260,7 @@ def _prefix_hint(report: EntryReport) -> str:
 
 
 def _optimizer_entry(
-    key: str, optimizer: torch.optim.Optimizer, value: object, path: str
+    key: str, optimizer: torch.optim.Optimizer, value: object, path: str, sizes: list[int]
 ) -> list[Binding]:
     groups = value.get("param_groups") if isinstance(value, Mapping) else None
     saved_state = value.get("state") if isinstance(value, Mapping) else None
@@ -272,7 +272,6 @@ def _optimizer_entry(
     if any(isinstance(p, str) for g in groups for p in g.get("params", ())):
         return []  # keyed by parameter names (DCP's form): its setter checks the structure
     saved_sizes = [len(g.get("params", ())) for g in groups]
-    sizes = [len(g["params"]) for g in optimizer.param_groups]
     if saved_sizes != sizes:
         raise StateMismatchError(
             f"{path}: {_label(key)} has parameter groups of sizes {sizes} but the checkpoint's "
@@ -303,12 +302,19 @@ def module_target(module: nn.Module) -> StateDict:
     return unwrap_module(module).state_dict(keep_vars=True)
 
 
+def group_sizes_of(optimizer: torch.optim.Optimizer) -> list[int]:
+    """How many parameters each group of ``optimizer`` updates (the default)."""
+    return [len(group["params"]) for group in optimizer.param_groups]
+
+
 def plan_restore(
     path: str,
     state: State,
     checkpoint: Checkpoint,
     strict: bool,
+    *,
     target_of: Callable[[nn.Module], StateDict] = module_target,
+    group_sizes: Callable[[torch.optim.Optimizer], list[int]] = group_sizes_of,
 ) -> RestorePlan:
     """Check that ``checkpoint`` fits ``state`` and plan the restore; change nothing.
 
@@ -331,7 +337,7 @@ def plan_restore(
             module_dicts[key], entries[key], found = _module_entry(key, target, value, strict, path)
             bindings += found
         elif isinstance(obj, torch.optim.Optimizer):
-            bindings += _optimizer_entry(key, obj, value, path)
+            bindings += _optimizer_entry(key, obj, value, path, group_sizes(obj))
     report = LoadReport(
         path=path,
         strict=strict,

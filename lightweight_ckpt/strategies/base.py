@@ -49,6 +49,8 @@ from lightweight_ckpt.state import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from lightweight_ckpt.types import (
         Checkpoint,
         FilterMap,
@@ -106,6 +108,12 @@ class Strategy:
         """Return the state dict to save for ``optimizer`` (``module``: the one it updates)."""
         return optimizer.state_dict()
 
+    def optimizer_group_sizes(
+        self, optimizer: torch.optim.Optimizer, module: nn.Module | None
+    ) -> list[int]:
+        """Return how many parameters each of ``optimizer``'s groups updates."""
+        return [len(group["params"]) for group in optimizer.param_groups]
+
     def module_target(self, module: nn.Module) -> StateDict:
         """Return the tensors a load of ``module`` is checked against (and may read into)."""
         return unwrap_module(module).state_dict(keep_vars=True)
@@ -119,6 +127,11 @@ class Strategy:
     ) -> None:
         """Restore ``optimizer`` from a checked state dict."""
         restore_optimizer(optimizer, state_dict, module)
+
+    def _sizes(self, state: State) -> Callable[[torch.optim.Optimizer], list[int]]:
+        return lambda optimizer: self.optimizer_group_sizes(
+            optimizer, owner_module(optimizer, state)
+        )
 
     def write(
         self, checkpoint: Checkpoint, path: StrPath, storage_options: StorageOptions | None
@@ -204,7 +217,14 @@ class Strategy:
                     f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint dict. "
                     "Use load_raw() for a file of one state dict."
                 )
-            plan = plan_restore(str(path), state, checkpoint, strict, self.module_target)
+            plan = plan_restore(
+                str(path),
+                state,
+                checkpoint,
+                strict,
+                target_of=self.module_target,
+                group_sizes=self._sizes(state),
+            )
             accepted = reader.verify({id(b.source): b.target for b in plan.bindings})
             remainder = apply_restore(
                 plan,
@@ -273,7 +293,14 @@ class Strategy:
         template = collect(stateful, {}, lambda obj: self.convert(obj, state))
         saved = _saved_entries(metadata, available, template, state)
         saved.update({k: None for k in present if k not in stateful})  # read whole later
-        plan = plan_restore(str(path), present, saved, strict, self.module_target)
+        plan = plan_restore(
+            str(path),
+            present,
+            saved,
+            strict,
+            target_of=self.module_target,
+            group_sizes=self._sizes(state),
+        )
         for key, entry in plan.module_dicts.items():  # keep what matched, as the plan decided
             template[key] = {name: template[key][name] for name in entry if name in template[key]}
         plan.state = state
@@ -316,7 +343,14 @@ class Strategy:
                     f"{path}: holds a {type(state_dict).__name__}, not a state dict"
                 )
             state = {RAW_KEY: obj}
-            plan = plan_restore(str(path), state, {RAW_KEY: state_dict}, strict, self.module_target)
+            plan = plan_restore(
+                str(path),
+                state,
+                {RAW_KEY: state_dict},
+                strict,
+                target_of=self.module_target,
+                group_sizes=self._sizes(state),
+            )
             accepted = reader.verify({id(b.source): b.target for b in plan.bindings})
             apply_restore(
                 plan,

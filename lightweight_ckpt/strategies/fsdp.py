@@ -16,7 +16,7 @@ scatters the full tensors through ``set_model_state_dict``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from lightweight_ckpt import collectives
+from lightweight_ckpt.errors import StateMismatchError
 from lightweight_ckpt.formats.dcp_dir import new_version
 from lightweight_ckpt.strategies.base import Strategy
 
@@ -51,6 +52,33 @@ def _holds_shards(state_dict: StateDict) -> bool:
         if isinstance(value, dict):
             stack.extend(value.values())
     return False
+
+
+def _keyed_by_index(state_dict: StateDict) -> bool:
+    groups = state_dict.get("param_groups", [])
+    return any(isinstance(p, int) for g in groups for p in g.get("params", ()))
+
+
+def _index_keys_to_names(state_dict: StateDict, named_groups: list[dict[str, Any]]) -> StateDict:
+    """Rename ``torch.optim`` state keyed by parameter index to DCP's parameter names.
+
+    Position ``i`` of the saved groups is the parameter at position ``i`` of this optimizer's
+    groups: true when both optimizers were built over the model's parameters in the same order.
+    """
+    saved = [p for g in state_dict["param_groups"] for p in g["params"]]
+    names = [n for g in named_groups for n in g["params"]]
+    if len(saved) != len(names):
+        raise StateMismatchError(
+            f"the checkpoint's optimizer updates {len(saved)} parameters, this one {len(names)}"
+        )
+    rename = dict(zip(saved, names, strict=True))
+    groups, start = [], 0
+    for group in state_dict["param_groups"]:
+        count = len(group["params"])
+        groups.append({**group, "params": names[start : start + count]})
+        start += count
+    state = {rename[index]: value for index, value in state_dict["state"].items()}
+    return {**state_dict, "state": state, "param_groups": groups}
 
 
 class FSDPStrategy(Strategy):
@@ -97,6 +125,20 @@ class FSDPStrategy(Strategy):
         options = self._options(module, full=self.state_dict_type == "full")
         return get_optimizer_state_dict(module, optimizer, options=options)
 
+    def _named_groups(
+        self, module: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> list[dict[str, Any]]:
+        sd = get_optimizer_state_dict(module, optimizer, options=self._options(module, full=False))
+        return cast("list[dict[str, Any]]", sd["param_groups"])
+
+    def optimizer_group_sizes(
+        self, optimizer: torch.optim.Optimizer, module: nn.Module | None
+    ) -> list[int]:
+        """Count original parameters per group (FSDP1 flattens them inside the optimizer)."""
+        if module is None:
+            return super().optimizer_group_sizes(optimizer, module)
+        return [len(group["params"]) for group in self._named_groups(module, optimizer)]
+
     def module_target(self, module: nn.Module) -> StateDict:
         """Compare loads against the module's sharded state dict (global shapes)."""
         return get_model_state_dict(module, options=self._options(module, full=False))
@@ -111,9 +153,14 @@ class FSDPStrategy(Strategy):
     def load_optimizer_state_dict(
         self, optimizer: torch.optim.Optimizer, state_dict: StateDict, module: nn.Module | None
     ) -> None:
-        """Restore optimizer state keyed by parameter names through DCP's setter."""
+        """Restore optimizer state keyed by parameter names through DCP's setter.
+
+        State keyed by parameter index (a DDP or single-device file) is renamed first.
+        """
         if module is None:
             raise ValueError("an FSDP optimizer can only be restored beside its model")
+        if _keyed_by_index(state_dict):
+            state_dict = _index_keys_to_names(state_dict, self._named_groups(module, optimizer))
         full = not _holds_shards(state_dict)
         set_optimizer_state_dict(
             module, optimizer, state_dict, options=self._options(module, full=full, strict=False)
