@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
+import sys
 from pathlib import Path
 
+import fsspec
 import pytest
 import torch.distributed as dist
 
@@ -126,9 +127,11 @@ def test_resolve_passes_storage_options_to_the_filesystem(tmp_path):
     assert location.fs.auto_mkdir is True
 
 
-@pytest.mark.skipif(importlib.util.find_spec("s3fs") is not None, reason="s3fs is installed")
 @pytest.mark.parametrize("url", ["s3://bucket/x", "s3a://bucket/run/x.ckpt"])
-def test_resolve_s3_without_the_extra_names_it(url):
+def test_resolve_s3_without_the_extra_names_it(url, monkeypatch):
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # as if the extra were not installed
+    for protocol in ("s3", "s3a"):  # and forget a class fsspec may have registered already
+        monkeypatch.delitem(fsspec.registry._registry, protocol, raising=False)
     with pytest.raises(ModuleNotFoundError) as info:
         resolve(url)
     message = str(info.value)
@@ -136,9 +139,11 @@ def test_resolve_s3_without_the_extra_names_it(url):
     assert "lightweight-ckpt[s3]" in message
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None, reason="gcsfs is installed")
 @pytest.mark.parametrize("url", ["gs://bucket/x", "gcs://bucket/x"])
-def test_resolve_gcs_without_the_extra_names_it(url):
+def test_resolve_gcs_without_the_extra_names_it(url, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # as if the extra were not installed
+    for protocol in ("gs", "gcs"):
+        monkeypatch.delitem(fsspec.registry._registry, protocol, raising=False)
     with pytest.raises(ModuleNotFoundError, match=r"lightweight-ckpt\[gcs\]") as info:
         resolve(url)
     assert url in str(info.value)
