@@ -6,7 +6,6 @@ import os
 import sys
 from pathlib import Path
 
-import fsspec
 import pytest
 import torch.distributed as dist
 
@@ -131,7 +130,7 @@ def test_resolve_passes_storage_options_to_the_filesystem(tmp_path):
 def test_resolve_s3_without_the_extra_names_it(url, monkeypatch):
     monkeypatch.setitem(sys.modules, "s3fs", None)  # as if the extra were not installed
     for protocol in ("s3", "s3a"):  # and forget a class fsspec may have registered already
-        monkeypatch.delitem(fsspec.registry._registry, protocol, raising=False)
+        monkeypatch.delitem(sys.modules["fsspec.registry"]._registry, protocol, raising=False)
     with pytest.raises(ModuleNotFoundError) as info:
         resolve(url)
     message = str(info.value)
@@ -143,7 +142,7 @@ def test_resolve_s3_without_the_extra_names_it(url, monkeypatch):
 def test_resolve_gcs_without_the_extra_names_it(url, monkeypatch):
     monkeypatch.setitem(sys.modules, "gcsfs", None)  # as if the extra were not installed
     for protocol in ("gs", "gcs"):
-        monkeypatch.delitem(fsspec.registry._registry, protocol, raising=False)
+        monkeypatch.delitem(sys.modules["fsspec.registry"]._registry, protocol, raising=False)
     with pytest.raises(ModuleNotFoundError, match=r"lightweight-ckpt\[gcs\]") as info:
         resolve(url)
     assert url in str(info.value)
