@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.tensor import DTensor
 
 from lightweight_ckpt import collectives
@@ -52,6 +53,10 @@ def _holds_shards(state_dict: StateDict) -> bool:
         if isinstance(value, dict):
             stack.extend(value.values())
     return False
+
+
+def _is_fsdp1(module: nn.Module) -> bool:
+    return any(isinstance(m, FullyShardedDataParallel) for m in module.modules())
 
 
 def _keyed_by_index(state_dict: StateDict) -> bool:
@@ -101,11 +106,14 @@ class FSDPStrategy(Strategy):
         self.state_dict_type: StateDictType = state_dict_type
 
     def _options(self, module: nn.Module, full: bool, strict: bool = True) -> StateDictOptions:
-        # Full state dicts are gathered to rank 0's CPU where parameters live on an accelerator;
-        # on the CPU there is nothing to offload (and FSDP1's rank-0-only gather breaks there).
-        on_accelerator = any(p.device.type != "cpu" for p in module.parameters())
+        # Full state dicts are gathered tensor by tensor to rank 0's CPU only (cpu_offload),
+        # so no other rank holds a full copy. FSDP1 on CPU-only parameters cannot do that (its
+        # rank-0-only unshard fails inside torch), so there every rank gathers the full state.
+        fsdp1_on_cpu = _is_fsdp1(module) and all(
+            p.device.type == "cpu" for p in module.parameters()
+        )
         return StateDictOptions(
-            full_state_dict=full, cpu_offload=full and on_accelerator, strict=strict
+            full_state_dict=full, cpu_offload=full and not fsdp1_on_cpu, strict=strict
         )
 
     def module_state_dict(self, module: nn.Module) -> StateDict:
