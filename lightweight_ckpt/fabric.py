@@ -115,6 +115,18 @@ class Fabric:
         """Wait until every process reaches this call."""
         self._strategy.barrier()
 
+    def wait(self) -> None:
+        """Block until every checkpoint saved so far is durable (with ``AsyncCheckpointIO``).
+
+        Raises:
+            CheckpointError: a background save failed.
+        """
+        self._strategy.wait()
+
+    def teardown(self) -> None:
+        """Wait for pending saves and release the IO plugin (threads); raise their failure."""
+        self._strategy.teardown()
+
     def save(
         self,
         path: StrPath,

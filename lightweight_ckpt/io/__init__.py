@@ -1,10 +1,17 @@
 """Checkpoint IO plugins: how one checkpoint's bytes are staged, encoded and committed.
 
 ``CheckpointIO`` is the interface (subclass it to take over every read and write);
-``TorchCheckpointIO`` is the default.
+``TorchCheckpointIO`` is the default; ``AsyncCheckpointIO(inner)`` writes in the background.
 """
 
+from lightweight_ckpt.io.async_io import AsyncCheckpointIO
 from lightweight_ckpt.io.base import CheckpointIO, CheckpointReader, LoadedReader
 from lightweight_ckpt.io.torch_io import TorchCheckpointIO
 
-__all__ = ["CheckpointIO", "CheckpointReader", "LoadedReader", "TorchCheckpointIO"]
+__all__ = [
+    "AsyncCheckpointIO",
+    "CheckpointIO",
+    "CheckpointReader",
+    "LoadedReader",
+    "TorchCheckpointIO",
+]

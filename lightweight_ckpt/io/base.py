@@ -122,6 +122,9 @@ class CheckpointIO(ABC):
     def teardown(self) -> None:  # noqa: B027 - optional hook with an empty default
         """Release resources (threads, pools); called when the IO is no longer used."""
 
+    def wait(self) -> None:  # noqa: B027 - optional hook with an empty default
+        """Block until every save this IO returned from is durable (sync IO: always)."""
+
     def stage(self, checkpoint: Checkpoint) -> Checkpoint:
         """Return the checkpoint to encode: identity here; XLA and async IO copy to host memory."""
         return checkpoint

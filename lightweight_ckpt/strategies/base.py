@@ -361,6 +361,10 @@ class Strategy:
             )
         return plan.report
 
+    def wait(self) -> None:
+        """Block until every save returned so far is durable (async IO); raise its failure."""
+        self.checkpoint_io.wait()
+
     def teardown(self) -> None:
         """Release the IO plugin's resources."""
         self.checkpoint_io.teardown()

@@ -1,0 +1,305 @@
+"""``AsyncCheckpointIO``: save in the background; the caller waits only for a host snapshot.
+
+``save_checkpoint`` copies every tensor of the checkpoint (CPU tensors too, so training may
+mutate them at once) into host buffers that are reused from save to save, then hands the copy
+to one worker thread that runs the wrapped IO's ordinary, atomic save. Copies from an
+accelerator go into pinned buffers, are issued non-blocking and synchronized once.
+
+- Back-pressure: at most ``max_pending`` saves in flight (default 1); the next save waits for a
+  slot. Host memory is bounded by ``max_pending`` snapshots of the checkpoint.
+- Reads and removals wait for the pending saves first, so ``fabric.load`` of a path being
+  written loads the new checkpoint.
+- A failure in the background is raised by the next ``save_checkpoint``, ``wait()`` or
+  ``teardown()``, and logged at interpreter exit if nobody saw it. Never lost.
+- The commit stays the wrapped IO's: the checkpoint appears only when fully written.
+- Sharded saves run their collectives on the caller's thread (DCP's collectives must not race
+  the training loop's on the same process group): they wait for pending saves and then save
+  synchronously.
+
+A thread, not a process: the write is file I/O and ``torch.save``'s C++ writer, which release
+the GIL, and a thread shares the snapshot without pickling it to another process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import logging
+import threading
+import weakref
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lightweight_ckpt.io.base import CheckpointIO, CheckpointReader
+from lightweight_ckpt.io.torch_io import TorchCheckpointIO
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    from lightweight_ckpt.types import Checkpoint, MapLocation, StorageOptions, StrPath
+
+log = logging.getLogger("lightweight_ckpt")
+
+
+class _Snapshot:
+    """Host buffers for one in-flight checkpoint, reused while the tensors keep their layout."""
+
+    def __init__(self) -> None:
+        self._buffers: list[torch.Tensor] = []
+        self.future: Future[None] | None = None
+
+    def copy(self, checkpoint: Checkpoint) -> Checkpoint:
+        tensors: list[torch.Tensor] = []
+        skeleton = _replace_tensors(checkpoint, tensors)
+        layout = [(t.shape, t.dtype, t.device.type != "cpu") for t in tensors]
+        if layout != [(b.shape, b.dtype, b.is_pinned()) for b in self._buffers]:
+            self._buffers = [_host_buffer(t) for t in tensors]
+        accelerated = False
+        for buffer, tensor in zip(self._buffers, tensors, strict=True):
+            accelerated |= tensor.device.type != "cpu"
+            buffer.copy_(tensor.detach(), non_blocking=tensor.device.type != "cpu")
+        if accelerated and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        filled: Checkpoint = _fill_tensors(skeleton, iter(self._buffers))
+        return filled
+
+    @property
+    def busy(self) -> bool:
+        return self.future is not None and not self.future.done()
+
+
+def _host_buffer(tensor: torch.Tensor) -> torch.Tensor:
+    pinned = tensor.device.type == "cuda"
+    return torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pinned)
+
+
+class _Slot:
+    """Marks where a tensor was in the checkpoint tree."""
+
+
+def _replace_tensors(tree: Any, found: list[torch.Tensor]) -> Any:
+    """Copy the tree's containers, deep-copy plain values, and put slots where tensors were."""
+    if isinstance(tree, torch.Tensor):
+        found.append(tree)
+        return _Slot()
+    if isinstance(tree, dict):
+        return type(tree)((k, _replace_tensors(v, found)) for k, v in tree.items())
+    if isinstance(tree, list | tuple) and not hasattr(tree, "_fields"):
+        return type(tree)(_replace_tensors(v, found) for v in tree)
+    return copy.deepcopy(tree)
+
+
+def _fill_tensors(tree: Any, buffers: Any) -> Any:
+    if isinstance(tree, _Slot):
+        return next(buffers)
+    if isinstance(tree, dict):
+        return type(tree)((k, _fill_tensors(v, buffers)) for k, v in tree.items())
+    if isinstance(tree, list | tuple) and not hasattr(tree, "_fields"):
+        return type(tree)(_fill_tensors(v, buffers) for v in tree)
+    return tree
+
+
+class AsyncCheckpointIO(CheckpointIO):
+    """Wrap any ``CheckpointIO`` so that saves run in the background.
+
+    Args:
+        checkpoint_io: the IO that writes (default ``TorchCheckpointIO``).
+        max_pending: saves allowed in flight at once; a further save waits (default 1).
+    """
+
+    def __init__(self, checkpoint_io: CheckpointIO | None = None, max_pending: int = 1) -> None:
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be at least 1, got {max_pending}")
+        self.checkpoint_io = checkpoint_io or TorchCheckpointIO()
+        self.max_pending = max_pending
+        self._slots: deque[_Snapshot] = deque(_Snapshot() for _ in range(max_pending))
+        self._executor: ThreadPoolExecutor | None = None
+        self._errors: list[tuple[str, BaseException]] = []
+        self._lock = threading.Lock()
+        atexit.register(_report_at_exit, weakref.ref(self))
+
+    # -- saving ------------------------------------------------------------------------------
+
+    def save_checkpoint(
+        self, checkpoint: Checkpoint, path: StrPath, storage_options: StorageOptions | None = None
+    ) -> None:
+        """Snapshot ``checkpoint`` into host memory and write it in the background.
+
+        Raises:
+            CheckpointError: an earlier background save failed (raised here, once).
+        """
+        self._raise_errors()
+        slot = self._slots[0]
+        if slot.future is not None:
+            self._settle(slot.future)  # back-pressure: the oldest slot must be free
+        self._slots.rotate(-1)
+        staged = slot.copy(self.checkpoint_io.stage(checkpoint))
+        executor = self._executor or ThreadPoolExecutor(1, thread_name_prefix="lwckpt-async")
+        self._executor = executor
+        future = executor.submit(self._write, staged, path, storage_options)
+        slot.future = future
+
+    def _write(
+        self, checkpoint: Checkpoint, path: StrPath, storage_options: StorageOptions | None
+    ) -> None:
+        try:
+            if storage_options is None:
+                self.checkpoint_io.save_checkpoint(checkpoint, path)
+            else:
+                self.checkpoint_io.save_checkpoint(checkpoint, path, storage_options)
+        except BaseException as err:
+            with self._lock:
+                self._errors.append((str(path), err))
+            raise
+
+    def _settle(self, future: Future[None]) -> None:
+        future.exception()  # waits; a failure was recorded by _write and is raised below
+        self._raise_errors()
+
+    def _raise_errors(self) -> None:
+        with self._lock:
+            errors, self._errors = self._errors, []
+        if errors:
+            path, error = errors[0]
+            if len(errors) > 1:
+                log.error("%d background saves failed; raising the first (%s)", len(errors), path)
+            raise error
+
+    def wait(self) -> None:
+        """Block until every pending save is durable; raise a background failure."""
+        for slot in list(self._slots):
+            if slot.future is not None:
+                self._settle(slot.future)
+        self._raise_errors()
+
+    @property
+    def pending(self) -> int:
+        """How many saves are still being written."""
+        return sum(slot.busy for slot in self._slots)
+
+    @property
+    def is_durable(self) -> bool:
+        """True when no save is in flight (every returned save is committed, or failed)."""
+        return self.pending == 0
+
+    # -- everything else waits for the pending saves ---------------------------------------
+
+    def load_checkpoint(
+        self, path: StrPath, map_location: MapLocation = None, weights_only: bool | None = None
+    ) -> Any:
+        """Wait for pending saves, then load through the wrapped IO."""
+        self.wait()
+        return self.checkpoint_io.load_checkpoint(path, map_location, weights_only)
+
+    def open_checkpoint(
+        self,
+        path: StrPath,
+        *,
+        map_location: MapLocation = None,
+        weights_only: bool | None = None,
+        storage_options: StorageOptions | None = None,
+    ) -> CheckpointReader:
+        """Wait for pending saves, then open through the wrapped IO (its fast path included)."""
+        self.wait()
+        return self.checkpoint_io.open_checkpoint(
+            path,
+            map_location=map_location,
+            weights_only=weights_only,
+            storage_options=storage_options,
+        )
+
+    def remove_checkpoint(self, path: StrPath) -> None:
+        """Wait for pending saves, then remove through the wrapped IO."""
+        self.wait()
+        self.checkpoint_io.remove_checkpoint(path)
+
+    def stage(self, checkpoint: Checkpoint) -> Checkpoint:
+        """Stage through the wrapped IO (XLA moves to the CPU there)."""
+        return self.checkpoint_io.stage(checkpoint)
+
+    def is_sharded(self, path: StrPath, storage_options: StorageOptions | None = None) -> bool:
+        """Wait for pending saves, then ask the wrapped IO."""
+        self.wait()
+        return self.checkpoint_io.is_sharded(path, storage_options)
+
+    def prepare_sharded(
+        self, path: StrPath, version: str, storage_options: StorageOptions | None = None
+    ) -> None:
+        """Sharded saves are synchronous: wait for pending saves first."""
+        self.wait()
+        self.checkpoint_io.prepare_sharded(path, version, storage_options)
+
+    def save_sharded(
+        self,
+        checkpoint: Checkpoint,
+        path: StrPath,
+        version: str,
+        storage_options: StorageOptions | None = None,
+    ) -> None:
+        """Save this rank's piece synchronously (collectives stay on the caller's thread)."""
+        self.checkpoint_io.save_sharded(checkpoint, path, version, storage_options)
+
+    def finish_sharded(
+        self, path: StrPath, version: str, storage_options: StorageOptions | None = None
+    ) -> None:
+        """Remove replaced versions through the wrapped IO."""
+        self.checkpoint_io.finish_sharded(path, version, storage_options)
+
+    def read_sharded_metadata(
+        self, path: StrPath, storage_options: StorageOptions | None = None
+    ) -> Metadata:
+        """Wait for pending saves, then read through the wrapped IO."""
+        self.wait()
+        return self.checkpoint_io.read_sharded_metadata(path, storage_options)
+
+    def load_sharded(
+        self,
+        template: Checkpoint,
+        path: StrPath,
+        *,
+        weights_only: bool | None = None,
+        storage_options: StorageOptions | None = None,
+    ) -> None:
+        """Wait for pending saves, then load through the wrapped IO."""
+        self.wait()
+        self.checkpoint_io.load_sharded(
+            template, path, weights_only=weights_only, storage_options=storage_options
+        )
+
+    def load_sharded_full(
+        self,
+        path: StrPath,
+        keys: set[str] | None = None,
+        *,
+        weights_only: bool | None = None,
+        storage_options: StorageOptions | None = None,
+    ) -> Checkpoint:
+        """Wait for pending saves, then load through the wrapped IO."""
+        self.wait()
+        return self.checkpoint_io.load_sharded_full(
+            path, keys, weights_only=weights_only, storage_options=storage_options
+        )
+
+    def teardown(self) -> None:
+        """Wait for pending saves, stop the worker, raise a background failure."""
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            self.checkpoint_io.teardown()
+
+
+def _report_at_exit(ref: weakref.ReferenceType[AsyncCheckpointIO]) -> None:
+    io = ref()
+    if io is None:
+        return
+    for slot in list(io._slots):
+        if slot.future is not None:
+            slot.future.exception()  # finish the write before the interpreter goes
+    for path, error in io._errors:
+        log.error("background save of %s failed and was never reported: %r", path, error)

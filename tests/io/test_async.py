@@ -1,0 +1,211 @@
+"""AsyncCheckpointIO: the snapshot is a real copy, failures are never lost, commits stay atomic."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from lightweight_ckpt import CheckpointWriteError, Fabric
+from lightweight_ckpt.io import AsyncCheckpointIO, CheckpointIO, TorchCheckpointIO
+from tests.helpers.asserts import assert_states_differ, assert_states_equal, snapshot
+from tests.helpers.distributed import run_distributed
+from tests.helpers.models import Tiny, make_state, train_steps
+
+
+def _mutate_everything(state: dict[str, Any]) -> None:
+    with torch.no_grad():
+        for param in state["model"].parameters():
+            param.add_(1.0)
+        for buffer in state["model"].buffers():
+            buffer.add_(1)
+    for entry in state["optimizer"].state.values():
+        for value in entry.values():
+            value.add_(1.0)
+    state["hparams"]["lr"] = -1.0
+
+
+def test_mutating_right_after_save_does_not_reach_the_checkpoint(tmp_path: Path) -> None:
+    io = AsyncCheckpointIO()
+    fabric = Fabric(checkpoint_io=io)
+    state = make_state()
+    for step in range(3):  # steady state: buffers are reused from save to save
+        expected = {k: snapshot(v) for k, v in state.items()}
+        path = tmp_path / f"step{step}.ckpt"
+        fabric.save(path, state)
+        _mutate_everything(state)  # at once, while the write may still run
+        fabric.wait()
+        assert io.is_durable
+        saved = torch.load(path, weights_only=True)
+        assert_states_equal(saved["model"], expected["model"])
+        assert_states_equal(saved["optimizer"], expected["optimizer"])
+        assert saved["hparams"]["lr"] == expected["hparams"]["lr"]
+        assert_states_differ(state["model"].state_dict(), expected["model"])
+    fabric.teardown()
+
+
+class _FailingIO(TorchCheckpointIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail = True
+
+    def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+        if self.fail:
+            raise CheckpointWriteError(f"{path}: disk full (injected)")
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+
+@pytest.mark.parametrize("surface", ["next_save", "wait", "teardown"])
+def test_background_failure_surfaces(tmp_path: Path, surface: str) -> None:
+    inner = _FailingIO()
+    io = AsyncCheckpointIO(inner)
+    fabric = Fabric(checkpoint_io=io)
+    state = {"model": Tiny()}
+    fabric.save(tmp_path / "a.ckpt", state)  # returns: the failure happens in the background
+    inner.fail = False
+    actions = {
+        "next_save": lambda: fabric.save(tmp_path / "b.ckpt", state),
+        "wait": fabric.wait,
+        "teardown": fabric.teardown,
+    }
+    with pytest.raises(CheckpointWriteError, match="disk full"):
+        actions[surface]()
+    assert not (tmp_path / "a.ckpt").exists()
+    fabric.wait()  # reported once, not again
+    fabric.teardown()
+
+
+class _SlowIO(TorchCheckpointIO):
+    def __init__(self, started: threading.Event, release: threading.Event) -> None:
+        super().__init__()
+        self.started, self.release = started, release
+
+    def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+        self.started.set()
+        self.release.wait(30)
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+
+def test_load_of_a_path_being_written_waits_for_it(tmp_path: Path) -> None:
+    started, release = threading.Event(), threading.Event()
+    io = AsyncCheckpointIO(_SlowIO(started, release))
+    fabric = Fabric(checkpoint_io=io)
+    state = {"model": Tiny()}
+    expected = snapshot(state["model"])
+    fabric.save(tmp_path / "a.ckpt", state)
+    started.wait(30)
+    assert io.pending == 1
+    assert not io.is_durable
+    threading.Timer(0.3, release.set).start()
+    target = Tiny(width=8)
+    assert_states_differ(target, expected)
+    fabric.load(tmp_path / "a.ckpt", {"model": target})  # waits for the write, then loads it
+    assert_states_equal(target, expected)
+    fabric.teardown()
+
+
+def test_back_pressure_keeps_at_most_max_pending(tmp_path: Path) -> None:
+    started, release = threading.Event(), threading.Event()
+    io = AsyncCheckpointIO(_SlowIO(started, release), max_pending=1)
+    fabric = Fabric(checkpoint_io=io)
+    fabric.save(tmp_path / "a.ckpt", {"w": torch.ones(3)})
+    started.wait(30)
+    threading.Timer(0.3, release.set).start()
+    fabric.save(tmp_path / "b.ckpt", {"w": torch.ones(3)})  # waits for a.ckpt first
+    assert (tmp_path / "a.ckpt").exists()
+    fabric.teardown()
+    assert (tmp_path / "b.ckpt").exists()
+    with pytest.raises(ValueError, match="max_pending"):
+        AsyncCheckpointIO(max_pending=0)
+
+
+def test_wraps_any_user_checkpoint_io(tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    class UserIO(CheckpointIO):
+        def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+            calls.append("save")
+            TorchCheckpointIO().save_checkpoint(checkpoint, path)
+
+        def load_checkpoint(
+            self, path: Any, map_location: Any = None, weights_only: Any = None
+        ) -> Any:
+            calls.append("load")
+            return TorchCheckpointIO().load_checkpoint(path, map_location, weights_only)
+
+        def remove_checkpoint(self, path: Any) -> None:
+            calls.append("remove")
+            os.remove(path)
+
+    fabric = Fabric(checkpoint_io=AsyncCheckpointIO(UserIO()))
+    fabric.save(tmp_path / "a.ckpt", {"step": torch.tensor(3)})
+    assert fabric.load(tmp_path / "a.ckpt")["step"] == 3
+    fabric.strategy.checkpoint_io.remove_checkpoint(tmp_path / "a.ckpt")
+    assert calls == ["save", "load", "remove"]
+    fabric.teardown()
+
+
+def test_killed_during_a_background_write_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "last.ckpt"
+    old = {"w": torch.arange(10.0)}
+    Fabric().save(path, old)
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        from lightweight_ckpt import Fabric
+        from lightweight_ckpt.io import AsyncCheckpointIO
+        fabric = Fabric(checkpoint_io=AsyncCheckpointIO())
+        big = {{"w": torch.randn(64 * 2**20)}}  # 256 MiB: the write takes a while
+        fabric.save({str(path)!r}, big)
+        print("returned", flush=True)
+        fabric.wait()
+        """
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True
+    ) as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "returned"  # save returned; write is running
+        time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    loaded = Fabric().load(path)
+    if loaded["w"].numel() == old["w"].numel():
+        assert_states_equal(loaded, old)  # killed before the commit: the old one, intact
+    else:
+        assert loaded["w"].numel() == 64 * 2**20  # the commit won the race: the whole new one
+    leftovers = [name for name in os.listdir(tmp_path) if name != "last.ckpt"]
+    assert all(name.startswith(".last.ckpt.tmp-") for name in leftovers)
+
+
+def _ddp_async(rank: int, world_size: int, directory: str) -> None:
+    torch.manual_seed(0)
+    model = DistributedDataParallel(Tiny())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train_steps(model, optimizer, 1)
+    fabric = Fabric(checkpoint_io=AsyncCheckpointIO())
+    path = os.path.join(directory, "ddp.ckpt")
+    fabric.save(path, {"model": model, "optimizer": optimizer})
+    expected = [snapshot(model.module)]
+    torch.distributed.broadcast_object_list(expected, src=0)
+    train_steps(model, optimizer, 1)  # training goes on while rank 0 writes
+    fabric.wait()
+    fabric.barrier()
+    fabric.load(path, {"model": model, "optimizer": optimizer})
+    assert_states_equal(model.module, expected[0])
+    fabric.teardown()
+
+
+@pytest.mark.distributed
+def test_async_under_ddp(tmp_path: Path) -> None:
+    run_distributed(_ddp_async, 2, tmp_path, args=(str(tmp_path),))
