@@ -1,27 +1,35 @@
 """Command line: ``python -m lightweight_ckpt COMMAND`` (also installed as ``lightweight-ckpt``).
 
+``inspect PATH``: the tree of keys with shapes, dtypes and sizes, and totals, without reading
+tensor data (single-file and sharded checkpoints, local or URL).
+
+``verify PATH``: check every record's CRC32 of a single-file checkpoint (exit 1 if any is
+damaged); for a sharded checkpoint, that ``.metadata`` reads and every piece it names exists
+and is long enough (DCP pieces carry no checksums).
+
 ``consolidate SRC DST``: turn a sharded (DCP) checkpoint into one ``torch.load``-able file in
 one process, with no process group. Tensors are read one at a time right before they are
 written and freed after, so memory stays near the largest tensor, not the checkpoint. SRC and
 DST may be local paths or fsspec URLs; DST is written atomically.
 
-Exit codes: 0 done, 1 a checkpoint error (message on stderr), 2 bad usage.
+Every command takes ``--storage-option KEY=VALUE`` (repeatable) and prints JSON with ``--json``.
+Exit codes: 0 done, 1 a checkpoint error or damage found (message on stderr), 2 bad usage.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
 
 from lightweight_ckpt.errors import CheckpointError
-from lightweight_ckpt.formats import dcp_dir, torch_file
-from lightweight_ckpt.storage import resolve, staged_write
-
-if TYPE_CHECKING:
-    import torch
+from lightweight_ckpt.formats import dcp_dir, torch_file, zip_records
+from lightweight_ckpt.storage import open_source, resolve, staged_write
 
 log = logging.getLogger("lightweight_ckpt")
 
@@ -69,6 +77,112 @@ def consolidate(
     return nbytes
 
 
+_KIB = 1024
+_SHOWN_CHARS = 60
+
+
+def _human(nbytes: int) -> str:
+    size = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < _KIB or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= _KIB
+    return f"{size:.1f} TiB"
+
+
+def _leaves(tree: Any, prefix: str = "") -> list[dict[str, Any]]:
+    """Flatten a checkpoint tree into rows: name, kind, dtype, shape, bytes / value."""
+    if isinstance(tree, torch.Tensor):
+        return [
+            {
+                "name": prefix,
+                "kind": "tensor",
+                "dtype": str(tree.dtype).removeprefix("torch."),
+                "shape": list(tree.shape),
+                "bytes": tree.numel() * tree.element_size(),
+            }
+        ]
+    if isinstance(tree, dict) and tree:
+        rows = []
+        for key, value in tree.items():
+            rows += _leaves(value, f"{prefix}.{key}" if prefix else str(key))
+        return rows
+    if (
+        isinstance(tree, list | tuple)
+        and tree
+        and any(isinstance(v, dict | list | tuple | torch.Tensor) for v in tree)
+    ):
+        rows = []
+        for index, value in enumerate(tree):
+            rows += _leaves(value, f"{prefix}.{index}" if prefix else str(index))
+        return rows
+    text = repr(tree)
+    shown = text[:_SHOWN_CHARS] + "..." * (len(text) > _SHOWN_CHARS)
+    return [{"name": prefix, "kind": type(tree).__name__, "value": shown}]
+
+
+def inspect_checkpoint(path: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Describe a checkpoint without reading tensor data: rows per leaf and totals."""
+    location = resolve(path, options)
+    if dcp_dir.is_sharded(location):
+        metadata = dcp_dir.read_metadata(location, options)
+        tree, _, values = dcp_dir.skeleton(metadata)  # unread tensors: no data is loaded
+        dcp_dir.read_values(location, options, metadata, tree, values, weights_only=True)
+        layout = "sharded"
+    else:
+        source = open_source(location)
+        try:
+            tree = torch_file.TorchFileReader(source, True, None).skeleton()
+        finally:
+            source.close()
+        layout = "file"
+    rows = _leaves(tree)
+    tensors = [row for row in rows if row["kind"] == "tensor"]
+    return {
+        "path": path,
+        "layout": layout,
+        "entries": rows,
+        "tensors": len(tensors),
+        "tensor_bytes": sum(row["bytes"] for row in tensors),
+    }
+
+
+def verify_checkpoint(path: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check a checkpoint's integrity; return ``{"ok": bool, "checked": n, "problems": [...]}``."""
+    location = resolve(path, options)
+    if dcp_dir.is_sharded(location):
+        problems = dcp_dir.check_pieces(location, options)
+        checked = len(dcp_dir.read_metadata(location, options).state_dict_metadata)
+        what = "sharded: metadata and piece sizes (DCP pieces carry no checksums)"
+    else:
+        source = open_source(location)
+        try:
+            results = zip_records.verify_records(source)
+        finally:
+            source.close()
+        problems = [f"{record.name}: {problem}" for record, problem in results if problem]
+        checked = len(results)
+        what = "file: CRC32 of every record"
+    return {
+        "path": path,
+        "ok": not problems,
+        "checked": checked,
+        "what": what,
+        "problems": problems,
+    }
+
+
+def _print_inspect(report: dict[str, Any]) -> None:
+    print(f"{report['path']} ({report['layout']})")  # noqa: T201
+    for row in report["entries"]:
+        if row["kind"] == "tensor":
+            shape = "x".join(map(str, row["shape"])) or "scalar"
+            print(f"  {row['name']:<50} {row['dtype']:<9} {shape:<16} {_human(row['bytes'])}")  # noqa: T201
+        else:
+            print(f"  {row['name']:<50} {row['kind']:<9} {row['value']}")  # noqa: T201
+    print(f"total: {report['tensors']} tensors, {_human(report['tensor_bytes'])}")  # noqa: T201
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     parser = argparse.ArgumentParser(prog="lightweight-ckpt", description=__doc__.split("\n")[0])
@@ -90,15 +204,44 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="allow arbitrary pickled objects in SRC (weights_only=False); trusted files only",
     )
+    for name, text in (
+        ("inspect", "show keys, shapes, dtypes and sizes"),
+        ("verify", "check integrity"),
+    ):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("path", help="checkpoint file or sharded directory (path or URL)")
+        command.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+        command.add_argument("--json", action="store_true", help="print JSON for scripts")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = _options(args.storage_option)
     try:
-        nbytes = consolidate(
-            args.src, args.dst, options, options, weights_only=not args.unsafe_pickle
-        )
+        return _run(args, options)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)  # noqa: T201 - the CLI talks to a person
         return 1
-    print(f"wrote {args.dst} ({nbytes:,} bytes)")  # noqa: T201
-    return 0
+
+
+def _run(args: argparse.Namespace, options: dict[str, Any]) -> int:
+    if args.command == "consolidate":
+        nbytes = consolidate(
+            args.src, args.dst, options, options, weights_only=not args.unsafe_pickle
+        )
+        print(f"wrote {args.dst} ({nbytes:,} bytes)")  # noqa: T201
+        return 0
+    if args.command == "inspect":
+        report = inspect_checkpoint(args.path, options)
+        if args.json:
+            print(json.dumps(report, indent=2))  # noqa: T201
+        else:
+            _print_inspect(report)
+        return 0
+    result = verify_checkpoint(args.path, options)
+    if args.json:
+        print(json.dumps(result, indent=2))  # noqa: T201
+    else:
+        for problem in result["problems"]:
+            print(f"DAMAGED {problem}", file=sys.stderr)  # noqa: T201
+        verdict = "ok" if result["ok"] else f"{len(result['problems'])} damaged"
+        print(f"{args.path}: {verdict} ({result['checked']} checked; {result['what']})")  # noqa: T201
+    return 0 if result["ok"] else 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -98,3 +99,59 @@ def test_consolidate_errors(tmp_path: Path) -> None:
     assert "not a sharded checkpoint" in result.stderr
     assert str(tmp_path / "empty") in result.stderr
     assert not (tmp_path / "x.pt").exists()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lightweight_ckpt", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def _flip_tensor_byte(path: Path) -> None:
+    from lightweight_ckpt.formats.zip_records import read_index
+    from lightweight_ckpt.storage import open_source, resolve
+
+    source = open_source(resolve(str(path)))
+    record = next(r for name, r in read_index(source).items() if name.endswith("data/0"))
+    source.close()
+    raw = bytearray(path.read_bytes())
+    raw[record.offset + record.size // 2] ^= 0x04
+    path.write_bytes(bytes(raw))
+
+
+def test_inspect_and_verify_a_file(tmp_path: Path) -> None:
+    model = torch.nn.Linear(4, 3)
+    Fabric().save(tmp_path / "a.ckpt", {"model": model, "step": 3})
+    shown = _cli("inspect", str(tmp_path / "a.ckpt"))
+    assert shown.returncode == 0, shown.stderr
+    assert "model.weight" in shown.stdout
+    assert "3x4" in shown.stdout
+    assert "total: 2 tensors, 60 B" in shown.stdout
+    as_json = json.loads(_cli("inspect", str(tmp_path / "a.ckpt"), "--json").stdout)
+    assert as_json["tensor_bytes"] == 60
+    assert {"name": "step", "kind": "int", "value": "3"} in as_json["entries"]
+    assert _cli("verify", str(tmp_path / "a.ckpt")).returncode == 0
+    _flip_tensor_byte(tmp_path / "a.ckpt")
+    damaged = _cli("verify", str(tmp_path / "a.ckpt"))
+    assert damaged.returncode == 1
+    assert "archive/data/0: CRC32 mismatch" in damaged.stderr
+    report = json.loads(_cli("verify", str(tmp_path / "a.ckpt"), "--json").stdout)
+    assert report["ok"] is False
+
+
+def test_inspect_and_verify_a_sharded_checkpoint(tmp_path: Path) -> None:
+    _sharded_checkpoint(tmp_path / "sharded")
+    shown = json.loads(_cli("inspect", str(tmp_path / "sharded"), "--json").stdout)
+    assert shown["layout"] == "sharded"
+    assert shown["tensors"] == TENSORS
+    assert shown["tensor_bytes"] == TENSORS * TENSOR_MB * 2**20
+    assert _cli("verify", str(tmp_path / "sharded")).returncode == 0
+    piece = tmp_path / "sharded" / "v-test" / "__0_0.distcp"
+    piece.write_bytes(piece.read_bytes()[:1000])  # a truncated piece
+    truncated = _cli("verify", str(tmp_path / "sharded"))
+    assert truncated.returncode == 1
+    assert "__0_0.distcp: truncated" in truncated.stderr

@@ -302,3 +302,20 @@ def read_values(
     mappings = metadata.planner_data or {}
     for name, value in values.items():
         set_element(tree, mappings.get(name, (name,)), value)
+
+
+def check_pieces(location: Location, storage_options: Any) -> list[str]:
+    """Return problems with the pieces ``.metadata`` names: missing or shorter than needed."""
+    metadata = read_metadata(location, storage_options)
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        end = int(info.offset) + int(info.length)
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    problems = []
+    for relative, end in sorted(needed.items()):
+        piece = posixpath.join(location.path, relative)
+        if not location.fs.exists(piece):
+            problems.append(f"{relative}: missing")
+        elif int(location.fs.size(piece)) < end:
+            problems.append(f"{relative}: truncated ({location.fs.size(piece)} < {end} bytes)")
+    return problems
