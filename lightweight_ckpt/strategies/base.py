@@ -23,7 +23,7 @@ hooks (sharded where the modules are) → DCP fills it → ``apply_restore``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, final
+from typing import TYPE_CHECKING, Any, cast, final
 
 import torch
 from torch import nn
@@ -199,7 +199,10 @@ class Strategy:
         strict: bool,
         weights_only: bool | None,
         storage_options: StorageOptions | None,
+        *,
+        raw: bool = False,
     ) -> tuple[Any, LoadReport | None]:
+        """Load one file; with ``raw``, the file is one state dict for ``state[RAW_KEY]``."""
         reader = self.checkpoint_io.open_checkpoint(
             path,
             map_location=self.map_location,
@@ -213,14 +216,14 @@ class Strategy:
                 reader.fill()
                 return checkpoint, None
             if not isinstance(checkpoint, dict):
+                hint = "" if raw else " Use load_raw() for a file of one state dict."
                 raise InvalidCheckpointError(
-                    f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint dict. "
-                    "Use load_raw() for a file of one state dict."
+                    f"{path}: holds a {type(checkpoint).__name__}, not a dict.{hint}"
                 )
             plan = plan_restore(
                 str(path),
                 state,
-                checkpoint,
+                {RAW_KEY: checkpoint} if raw else checkpoint,
                 strict,
                 target_of=self.module_target,
                 group_sizes=self._sizes(state),
@@ -330,36 +333,9 @@ class Strategy:
         weights_only: bool | None,
         storage_options: StorageOptions | None,
     ) -> LoadReport:
-        reader = self.checkpoint_io.open_checkpoint(
-            path,
-            map_location=self.map_location,
-            weights_only=weights_only,
-            storage_options=storage_options,
-        )
-        with reader:
-            state_dict = reader.skeleton()
-            if not isinstance(state_dict, dict):
-                raise InvalidCheckpointError(
-                    f"{path}: holds a {type(state_dict).__name__}, not a state dict"
-                )
-            state = {RAW_KEY: obj}
-            plan = plan_restore(
-                str(path),
-                state,
-                {RAW_KEY: state_dict},
-                strict,
-                target_of=self.module_target,
-                group_sizes=self._sizes(state),
-            )
-            accepted = reader.verify({id(b.source): b.target for b in plan.bindings})
-            apply_restore(
-                plan,
-                accepted,
-                self.load_module_state_dict,
-                self.load_optimizer_state_dict,
-                reader.fill,
-            )
-        return plan.report
+        state: State = {RAW_KEY: obj}
+        _, report = self._load_file(path, state, strict, weights_only, storage_options, raw=True)
+        return cast("LoadReport", report)
 
     def wait(self) -> None:
         """Block until every save returned so far is durable (async IO); raise its failure."""
