@@ -149,9 +149,20 @@ def _staged_deferred(location: Location) -> Iterator[Sink]:
         remote.close()
     except BaseException:
         with contextlib.suppress(Exception):
-            remote.discard()
+            remote.discard()  # aborts the multipart upload
+        remote.closed = True  # or its __del__ would flush a new, orphan upload
         raise
-    remote.commit()
+    else:
+        remote.commit()
+    finally:
+        _forget(location.fs, remote)
+
+
+def _forget(fs: Any, remote: Any) -> None:
+    """Fsspec files opened with ``autocommit=False`` join the fs's transaction list forever."""
+    files = getattr(getattr(fs, "_transaction", None), "files", None)
+    if files is not None and remote in files:
+        files.remove(remote)
 
 
 @contextlib.contextmanager

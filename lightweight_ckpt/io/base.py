@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lightweight_ckpt.formats import dcp_dir
-from lightweight_ckpt.storage import resolve
+from lightweight_ckpt.storage import Location, resolve
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -89,7 +89,21 @@ class LoadedReader:
 
 
 class CheckpointIO(ABC):
-    """Save, load and remove one checkpoint at a path or URL."""
+    """Save, load and remove one checkpoint at a path or URL.
+
+    ``storage_options``: default fsspec options for every path this IO touches (endpoint,
+    credentials, ...); per-call options are merged over them.
+    """
+
+    storage_options: dict[str, Any] = {}  # noqa: RUF012 - replaced per instance, never mutated
+
+    def options(self, storage_options: StorageOptions | None = None) -> dict[str, Any]:
+        """Merge per-call fsspec options over this IO's defaults."""
+        return {**self.storage_options, **(storage_options or {})}
+
+    def locate(self, path: StrPath, storage_options: StorageOptions | None = None) -> Location:
+        """Resolve ``path`` with the merged fsspec options."""
+        return resolve(path, self.options(storage_options))
 
     @abstractmethod
     def save_checkpoint(
@@ -133,13 +147,13 @@ class CheckpointIO(ABC):
 
     def is_sharded(self, path: StrPath, storage_options: StorageOptions | None = None) -> bool:
         """Return True if ``path`` holds a sharded checkpoint (a directory)."""
-        return dcp_dir.is_sharded(resolve(path, storage_options))
+        return dcp_dir.is_sharded(self.locate(path, storage_options))
 
     def prepare_sharded(
         self, path: StrPath, version: str, storage_options: StorageOptions | None = None
     ) -> None:
         """Make ``path`` ready for this rank's piece of ``version`` (before any collective)."""
-        dcp_dir.prepare(resolve(path, storage_options), version)
+        dcp_dir.prepare(self.locate(path, storage_options), version)
 
     def save_sharded(
         self,
@@ -153,20 +167,22 @@ class CheckpointIO(ABC):
         The save commits when rank 0 publishes ``.metadata``, after every rank wrote its piece.
         A failure on any rank raises on every rank (DCP gathers the errors).
         """
-        location = resolve(path, storage_options)
-        dcp_dir.write(checkpoint, location, version, storage_options)
+        location = self.locate(path, storage_options)
+        dcp_dir.write(checkpoint, location, version, self.options(storage_options))
 
     def finish_sharded(
         self, path: StrPath, version: str, storage_options: StorageOptions | None = None
     ) -> None:
         """Remove the versions the commit replaced (rank 0, after every rank saw the commit)."""
-        dcp_dir.remove_stale_versions(resolve(path, storage_options), keep=version)
+        dcp_dir.remove_stale_versions(self.locate(path, storage_options), keep=version)
 
     def read_sharded_metadata(
         self, path: StrPath, storage_options: StorageOptions | None = None
     ) -> Metadata:
         """Return the committed sharded checkpoint's DCP metadata (keys, shapes, dtypes)."""
-        return dcp_dir.read_metadata(resolve(path, storage_options), storage_options)
+        return dcp_dir.read_metadata(
+            self.locate(path, storage_options), self.options(storage_options)
+        )
 
     def load_sharded(
         self,
@@ -177,8 +193,8 @@ class CheckpointIO(ABC):
         storage_options: StorageOptions | None = None,
     ) -> None:
         """Fill ``template`` (sharded or full tensors) in place (every rank calls it)."""
-        location = resolve(path, storage_options)
-        dcp_dir.read(template, location, storage_options, weights_only is not False)
+        location = self.locate(path, storage_options)
+        dcp_dir.read(template, location, self.options(storage_options), weights_only is not False)
 
     def load_sharded_full(
         self,
@@ -189,8 +205,9 @@ class CheckpointIO(ABC):
         storage_options: StorageOptions | None = None,
     ) -> Checkpoint:
         """Return a sharded checkpoint's entries (all, or ``keys``) as full tensors, locally."""
-        location = resolve(path, storage_options)
-        return dcp_dir.read_all(location, storage_options, weights_only is not False, keys)
+        location = self.locate(path, storage_options)
+        options = self.options(storage_options)
+        return dcp_dir.read_all(location, options, weights_only is not False, keys)
 
     def open_checkpoint(
         self,

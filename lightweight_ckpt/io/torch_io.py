@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from lightweight_ckpt.errors import CheckpointError, CheckpointWriteError
 from lightweight_ckpt.formats import torch_file
 from lightweight_ckpt.io.base import CheckpointIO, CheckpointReader
-from lightweight_ckpt.storage import Location, open_source, remove, resolve, staged_write
+from lightweight_ckpt.storage import open_source, remove, staged_write
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -46,9 +46,6 @@ class TorchCheckpointIO(CheckpointIO):
     def __init__(self, storage_options: StorageOptions | None = None) -> None:
         self.storage_options: dict[str, Any] = dict(storage_options or {})
 
-    def _resolve(self, path: StrPath, storage_options: StorageOptions | None) -> Location:
-        return resolve(path, {**self.storage_options, **(storage_options or {})})
-
     def save_checkpoint(
         self, checkpoint: Checkpoint, path: StrPath, storage_options: StorageOptions | None = None
     ) -> None:
@@ -57,7 +54,7 @@ class TorchCheckpointIO(CheckpointIO):
         Raises:
             CheckpointWriteError: writing, serializing or committing failed.
         """
-        location = self._resolve(path, storage_options)
+        location = self.locate(path, storage_options)
         staged = self.stage(checkpoint)
         start = time.perf_counter()
         with staged_write(location) as sink:
@@ -66,7 +63,10 @@ class TorchCheckpointIO(CheckpointIO):
             except CheckpointError:
                 raise
             except Exception as err:
-                raise CheckpointWriteError(f"{location.url}: {_write_failure(err)}") from err
+                cause = _sink_error(err)
+                if not isinstance(cause, Exception):
+                    raise cause from None  # Ctrl-C / SystemExit inside torch's writer: not ours
+                raise CheckpointWriteError(f"{location.url}: {_describe(cause, err)}") from err
             nbytes = sink.tell()
         log_transfer("saved", location.url, nbytes, time.perf_counter() - start)
 
@@ -105,7 +105,7 @@ class TorchCheckpointIO(CheckpointIO):
         weights_only: bool | None,
         storage_options: StorageOptions | None,
     ) -> _TimedReader:
-        location = self._resolve(path, storage_options)
+        location = self.locate(path, storage_options)
         source = open_source(location)
         reader = torch_file.TorchFileReader(
             source, weights_only=weights_only is not False, map_location=map_location
@@ -114,17 +114,23 @@ class TorchCheckpointIO(CheckpointIO):
 
     def remove_checkpoint(self, path: StrPath) -> None:
         """Delete the checkpoint at ``path``; a missing path is not an error."""
-        remove(self._resolve(path, None))
+        remove(self.locate(path, None))
 
 
-def _write_failure(err: BaseException) -> str:
-    """Describe a failed ``torch.save``: the OS error underneath if there is one (disk full)."""
+def _sink_error(err: BaseException) -> BaseException:
+    """Find what the sink raised: torch's writer replaces it with a RuntimeError of its own."""
     cause: BaseException | None = err
     while cause is not None:
-        if isinstance(cause, OSError):
-            return f"write failed: {cause}"
+        if not isinstance(cause, RuntimeError) or isinstance(cause, OSError):
+            return cause
         cause = cause.__cause__ or cause.__context__
-    return f"could not serialize the checkpoint: {err}"
+    return err
+
+
+def _describe(cause: BaseException, err: BaseException) -> str:
+    if cause is err and not isinstance(err, OSError):
+        return f"could not serialize the checkpoint: {err}"
+    return f"write failed: {type(cause).__name__}: {cause}"
 
 
 class _TimedReader:

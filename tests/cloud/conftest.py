@@ -1,0 +1,55 @@
+"""Cloud test fixtures: one local S3 and one local GCS server per session, a bucket per test.
+
+``store`` runs a test on both: ``s3`` (moto) and ``gs`` (fake-gcs-server), each a process of its
+own on 127.0.0.1. A server that cannot start at all skips its tests with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+
+# gcsfs probes for zonal/HNS buckets over gRPC (a 60 s wait per call against a fake server)
+# unless this is off. It must be set before gcsfs is imported, and before the hygiene fixture's
+# first snapshot of the environment, so: here, at import, for the whole session.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.helpers.servers import (
+    PROTOCOLS,
+    LocalServer,
+    ServerUnavailable,
+    Store,
+    open_store,
+    running,
+    start_fake_gcs,
+    start_moto,
+)
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    pytest.importorskip("s3fs", reason="s3 tests need s3fs (pip install 'lightweight-ckpt[s3]')")
+    try:
+        with running(start_moto, tmp_path_factory.mktemp("moto")) as server:
+            yield server
+    except ServerUnavailable as err:
+        pytest.skip(f"no local S3 server: {err}")
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    pytest.importorskip("gcsfs", reason="gs tests need gcsfs (pip install 'lightweight-ckpt[gcs]')")
+    try:
+        with running(start_fake_gcs, tmp_path_factory.mktemp("fake-gcs")) as server:
+            yield server
+    except ServerUnavailable as err:
+        pytest.skip(f"no local GCS server: {err}")
+
+
+@pytest.fixture(params=PROTOCOLS)
+def store(request: pytest.FixtureRequest) -> Iterator[Store]:
+    """A fresh bucket on the local S3 and GCS servers (the test runs once for each)."""
+    yield from open_store(request, request.param)

@@ -1,0 +1,267 @@
+"""Failed and killed saves on object stores: the previous checkpoint stays, nothing partial shows.
+
+On S3 and GCS an upload is published only when it is completed (``complete_multipart_upload``,
+the final chunk of a resumable upload); the library opens it with ``autocommit=False`` and
+commits after the last byte, or discards (aborts) it on an error. So after a save that fails,
+whatever the point of failure, the bucket holds exactly what it held before: no partial object,
+no temp key, and on S3 no multipart upload left in progress. A SIGKILLed saver cannot abort its
+upload; the object at the path must still be the previous checkpoint.
+
+The servers are real (moto, fake-gcs-server, separate processes on 127.0.0.1). The mid-upload
+failure is injected where a broken connection or a failing producer would surface: in the
+remote file's ``write``, after the server has acknowledged several parts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from fsspec.spec import AbstractBufferedFile
+
+from lightweight_ckpt import CheckpointWriteError, Fabric
+from lightweight_ckpt.config import override
+from tests.helpers.asserts import assert_states_equal, snapshot
+from tests.helpers.models import fresh_like, make_state
+from tests.helpers.servers import GCSFS_LARGE_BODY_WARNING, PROTOCOLS, Store, open_store
+
+pytestmark = [pytest.mark.cloud, GCSFS_LARGE_BODY_WARNING]
+
+MIB = 2**20
+# Small upload parts so that a 24 MiB save is several parts: S3's minimum part is 5 MiB; GCS
+# takes any multiple of 256 KiB per resumable chunk.
+BLOCK_BYTES = {"s3": 5 * MIB, "gs": 1 * MIB}
+N_TENSORS = 6
+TENSOR_MIB = 4
+PARTS_BEFORE_FAILURE = 2
+HANG_GUARD_S = 90.0  # only turns a hang into a failure
+
+
+@pytest.fixture(params=PROTOCOLS)
+def store(request: pytest.FixtureRequest) -> Iterator[Store]:
+    """A fresh bucket whose filesystem uploads in small parts (see BLOCK_BYTES)."""
+    yield from open_store(request, request.param, block_bytes=BLOCK_BYTES[request.param])
+
+
+def big_state(seed: int = 1) -> dict[str, Any]:
+    """24 MiB of deterministic tensors, distinct in every element, plus plain values."""
+    numel = TENSOR_MIB * MIB // 4
+    return {
+        "tensors": {
+            f"t{i}": torch.arange(numel, dtype=torch.int32).add_(7919 * i + seed)
+            for i in range(N_TENSORS)
+        },
+        "step": 99,
+    }
+
+
+def _save_previous(store: Store, url: str) -> dict[str, Any]:
+    state = make_state()
+    Fabric().save(url, state, storage_options=store.storage_options)
+    return {"state": state, "snapshot": snapshot(state["model"])}
+
+
+def _assert_previous_intact(store: Store, url: str, previous: dict[str, Any]) -> None:
+    target = fresh_like(previous["state"])
+    Fabric().load(url, target, storage_options=store.storage_options)
+    assert_states_equal(target, previous["state"])
+    assert_states_equal(target["model"], previous["snapshot"])
+
+
+def _server_parts(store: Store, key: str) -> int:
+    """Parts the server holds for the in-progress upload to ``key`` (S3), or -1 (GCS)."""
+    if store.protocol != "s3":
+        return -1
+    uploads = [u for u in store.incomplete_uploads() if u["Key"] == key]
+    assert len(uploads) == 1, uploads
+    parts = store.fs.call_s3(
+        "list_parts", Bucket=store.bucket, Key=key, UploadId=uploads[0]["UploadId"]
+    )
+    return len(parts.get("Parts", []))
+
+
+class InjectedConnectionError(ConnectionResetError):
+    """Raised from inside the upload, as a dropped connection would be."""
+
+
+def _fail_mid_upload(
+    monkeypatch: pytest.MonkeyPatch, store: Store, key: str, error: BaseException
+) -> dict[str, int]:
+    """Make the remote file's ``write`` raise ``error`` once PARTS_BEFORE_FAILURE parts are sent.
+
+    A KeyboardInterrupt there is a Ctrl-C arriving while the save runs: it must come out as
+    itself, not as some other error that a training loop might catch and carry on after.
+    """
+    original = AbstractBufferedFile.write
+    threshold = PARTS_BEFORE_FAILURE * BLOCK_BYTES[store.protocol]
+    seen: dict[str, int] = {}
+
+    def write(self: AbstractBufferedFile, data: Any) -> int:
+        if self.mode == "wb" and (self.offset or 0) >= threshold:
+            seen["sent_bytes"] = int(self.offset)
+            seen["server_parts"] = _server_parts(store, key)
+            raise error
+        return int(original(self, data))
+
+    monkeypatch.setattr(AbstractBufferedFile, "write", write)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("interrupt", "previous"),
+    [(False, True), (False, False), (True, True)],
+    ids=["error-over-previous", "error-first-save", "keyboard-interrupt-over-previous"],
+)
+def test_failure_mid_upload_publishes_nothing(
+    store: Store, monkeypatch: pytest.MonkeyPatch, interrupt: bool, previous: bool
+) -> None:
+    url = store.url("last.ckpt")
+    before = _save_previous(store, url) if previous else None
+    reset = InjectedConnectionError("connection reset by peer")
+    error = KeyboardInterrupt() if interrupt else reset
+    seen = _fail_mid_upload(monkeypatch, store, "last.ckpt", error)
+    expected: type[BaseException] = KeyboardInterrupt if interrupt else CheckpointWriteError
+    with override(chunk_bytes=MIB), pytest.raises(expected) as info:
+        Fabric().save(url, big_state(), storage_options=store.storage_options)
+    monkeypatch.undo()
+    if not interrupt:  # a CheckpointWriteError naming the path and the cause
+        assert url in str(info.value)
+        assert "connection reset by peer" in str(info.value)
+    # the failure really came mid-upload: the server had acknowledged parts of the new object
+    assert seen["sent_bytes"] >= PARTS_BEFORE_FAILURE * BLOCK_BYTES[store.protocol]
+    if store.protocol == "s3":
+        assert seen["server_parts"] >= PARTS_BEFORE_FAILURE
+
+    # nothing partial is visible, no temp key, no upload left in progress
+    assert store.objects() == (["last.ckpt"] if previous else [])
+    assert store.incomplete_uploads() == []
+    if before is not None:
+        _assert_previous_intact(store, url, before)
+    # and the next save works
+    fresh = big_state(seed=2)
+    Fabric().save(url, fresh, storage_options=store.storage_options)
+    assert_states_equal(Fabric().load(url, storage_options=store.storage_options), fresh)
+
+
+def test_unpicklable_value_fails_before_upload_and_publishes_nothing(store: Store) -> None:
+    """A value that cannot be pickled fails the save; ``torch.save`` pickles before any data.
+
+    So this failure comes before the first byte is sent: it can never leave a partial upload
+    (the mid-upload case is the test above).
+    """
+    url = store.url("last.ckpt")
+    before = _save_previous(store, url)
+    state = {**big_state(), "callback": lambda step: step}  # a lambda cannot be pickled
+    with pytest.raises(CheckpointWriteError) as info:
+        Fabric().save(url, state, storage_options=store.storage_options)
+    assert url in str(info.value)
+    assert "serialize" in str(info.value)
+    assert store.objects() == ["last.ckpt"]
+    assert store.incomplete_uploads() == []
+    _assert_previous_intact(store, url, before)
+
+
+# -- a saver SIGKILLed mid-upload -------------------------------------------------------------
+
+SAVER = textwrap.dedent(
+    """
+    import json
+    import sys
+    import time
+
+    import torch
+    from fsspec.spec import AbstractBufferedFile
+
+    from lightweight_ckpt import Fabric
+    from lightweight_ckpt.config import override
+
+    url, options = sys.argv[1], json.loads(sys.argv[2])
+    n_tensors, numel = int(sys.argv[3]), int(sys.argv[4])
+    original_flush = AbstractBufferedFile.flush
+
+    def flush(self, force=False):
+        sent = self.offset or 0
+        original_flush(self, force)
+        if (self.offset or 0) > sent:  # a part reached the server: say so, then go slowly
+            print(f"sent {self.offset}", flush=True)
+            time.sleep(0.5)
+
+    AbstractBufferedFile.flush = flush
+    state = {
+        "tensors": {f"t{i}": torch.full((numel,), i, dtype=torch.int32) for i in range(n_tensors)}
+    }
+    with override(chunk_bytes=2**20):
+        Fabric().save(url, state, storage_options=options)
+    print("saved", flush=True)
+    """
+)
+
+
+def _wait_for_line(proc: subprocess.Popen[str], prefix: str, deadline_s: float) -> str:
+    """Read the child's stdout until a line starts with ``prefix`` (fail on exit or timeout)."""
+    assert proc.stdout is not None
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+        if ready:
+            line = proc.stdout.readline()
+            if line.startswith(prefix):
+                return line
+            if not line and proc.poll() is not None:
+                break
+    stderr = proc.stderr.read() if proc.stderr and proc.poll() is not None else ""
+    pytest.fail(f"the saver never printed {prefix!r} (exit {proc.poll()}): {stderr[-2000:]}")
+
+
+def test_sigkilled_saver_leaves_the_previous_checkpoint(store: Store) -> None:
+    url = store.url("last.ckpt")
+    before = _save_previous(store, url)
+    numel = TENSOR_MIB * MIB // 4
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            SAVER,
+            url,
+            json.dumps(store.storage_options),
+            str(N_TENSORS),
+            str(numel),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        _wait_for_line(proc, "sent ", HANG_GUARD_S)  # the first part is on the server
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(HANG_GUARD_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+    assert proc.returncode == -signal.SIGKILL
+
+    # the kill came mid-upload (S3 lists the upload it left behind; nothing can abort it)
+    if store.protocol == "s3":
+        assert [u["Key"] for u in store.incomplete_uploads()] == ["last.ckpt"]
+    # no partial object, no temp key: only the previous checkpoint, whole
+    assert store.objects() == ["last.ckpt"]
+    _assert_previous_intact(store, url, before)
+    # and a new save over it works
+    fresh = big_state(seed=3)
+    Fabric().save(url, fresh, storage_options=store.storage_options)
+    assert_states_equal(Fabric().load(url, storage_options=store.storage_options), fresh)
