@@ -169,21 +169,16 @@ class AsyncCheckpointIO(CheckpointIO):
             raise error
 
     def wait(self) -> None:
-        """Block until every pending save is durable; raise a background failure."""
+        """Block until every pending save is durable; then raise a background failure."""
         for slot in list(self._slots):
             if slot.future is not None:
-                self._settle(slot.future)
+                slot.future.exception()  # settle every save before raising any failure
         self._raise_errors()
 
     @property
     def pending(self) -> int:
         """How many saves are still being written."""
         return sum(slot.busy for slot in self._slots)
-
-    @property
-    def is_durable(self) -> bool:
-        """True when no save is in flight (every returned save is committed, or failed)."""
-        return self.pending == 0
 
     # -- everything else waits for the pending saves ---------------------------------------
 

@@ -139,6 +139,16 @@ class CheckpointIO(ABC):
     def wait(self) -> None:  # noqa: B027 - optional hook with an empty default
         """Block until every save this IO returned from is durable (sync IO: always)."""
 
+    @property
+    def pending(self) -> int:
+        """How many returned saves are not durable yet (0 for a synchronous IO)."""
+        return 0
+
+    @property
+    def is_durable(self) -> bool:
+        """True when every save this IO returned from is committed (or has failed)."""
+        return self.pending == 0
+
     def stage(self, checkpoint: Checkpoint) -> Checkpoint:
         """Return the checkpoint to encode: identity here; XLA and async IO copy to host memory."""
         return checkpoint

@@ -1,0 +1,749 @@
+"""Sharded (FSDP2) benchmark: save and load a ``fully_shard`` model + AdamW at world size 2.
+
+The state is a stack of ``nn.Linear(d, d)`` layers, each wrapped with
+``torch.distributed.fsdp.fully_shard`` (and the root too), plus AdamW after one real step; by
+default model + exp_avg + exp_avg_sq is ~400 MB in total, ~200 MB per rank. Every (round,
+contender, op) runs in a fresh group of 2 processes (``torchrun --standalone``, gloo on the CPU).
+Each rank builds the same state, takes a memory baseline, runs the op once, and reports its wall
+time and peak extra RSS. Contenders are interleaved within a round; the table shows the median
+time over the rounds, as a ratio to ``torch.distributed.checkpoint`` called directly.
+
+Run ``python benchmarks/sharded.py --help``; see ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import harness
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = Path(__file__).resolve()
+WORLD_SIZE = 2
+SEED = 1234
+SAVED_STEP = 1
+MB = 1_000_000
+DEFAULT_SIZE_MB = 400.0
+N_LAYERS = 8
+DIM_STEP = 64  # d is a multiple of this (so it divides evenly over the ranks)
+COLLECTIVE_TIMEOUT_S = 300
+
+# --------------------------------------------------------------------------------------------
+# The training state
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``n_layers`` square ``Linear(d, d)`` layers (with bias), ReLU in between."""
+
+    d: int
+    n_layers: int = N_LAYERS
+
+    def n_params(self) -> int:
+        """Parameter count."""
+        return self.n_layers * (self.d * self.d + self.d)
+
+    def state_bytes(self) -> int:
+        """Global bytes of model + AdamW (exp_avg, exp_avg_sq, fp32 ``step`` per parameter)."""
+        return 3 * 4 * self.n_params() + 4 * 2 * self.n_layers
+
+
+def config_for_size(size_mb: float) -> ModelConfig:
+    """The config whose global model + AdamW state is closest to ``size_mb`` MB."""
+    per_layer_params = size_mb * MB / 12 / N_LAYERS
+    d = max(DIM_STEP, round(math.sqrt(per_layer_params) / DIM_STEP) * DIM_STEP)
+    return ModelConfig(d=d)
+
+
+def build_state(cfg: ModelConfig) -> tuple[Any, Any]:
+    """Build the model on every rank (same seed), shard it with ``fully_shard``, take one step."""
+    import torch
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(SEED)
+    layers: list[nn.Module] = []
+    for index in range(cfg.n_layers):
+        if index:
+            layers.append(nn.ReLU())
+        layers.append(nn.Linear(cfg.d, cfg.d))
+    model = nn.Sequential(*layers)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    torch.manual_seed(SEED + 1 + torch.distributed.get_rank())  # each rank its own batch
+    model(torch.randn(8, cfg.d)).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model, opt
+
+
+def _local(tensor: Any) -> Any:
+    """The rank-local part of a DTensor (its storage, so in-place ops change the DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def local_tensors(model: Any, opt: Any) -> list[Any]:
+    """Every state tensor this rank holds: parameter shards and AdamW state (shards and steps)."""
+    import torch
+
+    out = [_local(p.detach()) for p in model.parameters()]
+    for param in model.parameters():
+        out += [_local(v) for v in opt.state[param].values() if isinstance(v, torch.Tensor)]
+    return out
+
+
+def local_state_bytes(model: Any, opt: Any) -> int:
+    """Bytes of the state this rank holds (its share)."""
+    return sum(t.numel() * t.element_size() for t in local_tensors(model, opt))
+
+
+def perturb(model: Any, opt: Any) -> None:
+    """Add 1.0 to every local state tensor in place, so a load that restores nothing is caught."""
+    import torch
+
+    with torch.no_grad():
+        for tensor in local_tensors(model, opt):
+            tensor.add_(1.0)
+
+
+def full_digest(model: Any, opt: Any) -> dict[str, str] | None:
+    """Gather the full (unsharded) model and optimizer state; SHA-1 per tensor on rank 0.
+
+    A collective: every rank calls it; the other ranks get ``None``.
+    """
+    import torch
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=False)
+    model_sd = get_model_state_dict(model, options=full)
+    optim_sd = get_optimizer_state_dict(model, opt, options=full)
+    if torch.distributed.get_rank() != 0:
+        return None
+    named = [(f"model.{k}", v) for k, v in model_sd.items()]
+    optim_state: dict[str, dict[str, Any]] = optim_sd["state"]  # type: ignore[assignment]
+    for fqn, entry in optim_state.items():
+        named += [(f"optim.{fqn}.{k}", v) for k, v in entry.items()]
+    digest = {}
+    for name, value in named:
+        if not isinstance(value, torch.Tensor):
+            digest[name] = repr(value)
+            continue
+        flat = value.detach().contiguous().reshape(-1)
+        digest[name] = hashlib.sha1(
+            flat.view(torch.uint8).numpy().data, usedforsecurity=False
+        ).hexdigest()
+    return digest
+
+
+# --------------------------------------------------------------------------------------------
+# Contenders
+# --------------------------------------------------------------------------------------------
+
+
+class Contender:
+    """One way to save and load the sharded state; every method runs on every rank."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    def unavailable(self) -> str | None:
+        """Why this contender cannot run here (checked by the orchestrator), or ``None``."""
+        return None
+
+    def setup(self) -> None:
+        """Import and construct what the ops need (in each rank, outside the timed region)."""
+
+    def save(self, path: Path, model: Any, opt: Any) -> None:
+        """Write this rank's part of the state under the directory ``path``."""
+        raise NotImplementedError
+
+    def load(self, path: Path, model: Any, opt: Any) -> int | None:
+        """Restore the state in place; return the loaded ``step``."""
+        raise NotImplementedError
+
+
+def _step_after_load(state: dict[str, Any], returned: object) -> int | None:
+    step = state.get("step")
+    if step in (None, 0) and isinstance(returned, dict):
+        step = returned.get("step", step)
+    return int(step) if step is not None else None
+
+
+class LightweightCkpt(Contender):
+    """``lightweight_ckpt.Fabric()`` ("auto" picks its FSDPStrategy: a sharded DCP directory)."""
+
+    name = "lightweight_ckpt"
+    description = 'lightweight_ckpt.Fabric().save(dir, state) / .load(dir, state); "auto" -> FSDP'
+
+    def unavailable(self) -> str | None:
+        """Not importable until the package exports ``Fabric``."""
+        try:
+            from lightweight_ckpt import Fabric  # noqa: F401
+        except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
+            return f"cannot import lightweight_ckpt.Fabric: {type(exc).__name__}: {exc}"
+        return None
+
+    def setup(self) -> None:
+        """Construct the Fabric object."""
+        from lightweight_ckpt import Fabric
+
+        self.fabric = Fabric()
+
+    def save(self, path: Path, model: Any, opt: Any) -> None:
+        """Save model, optimizer and step."""
+        self.fabric.save(path, {"model": model, "optimizer": opt, "step": SAVED_STEP})
+
+    def load(self, path: Path, model: Any, opt: Any) -> int | None:
+        """Load in place; ``step`` comes back in the state dict."""
+        state: dict[str, Any] = {"model": model, "optimizer": opt, "step": 0}
+        returned = self.fabric.load(path, state)
+        return _step_after_load(state, returned)
+
+
+class Dcp(Contender):
+    """``torch.distributed.checkpoint`` called directly, with the state-dict helpers."""
+
+    name = "dcp"
+    description = (
+        "get_state_dict -> dcp.save(storage_writer=FileSystemWriter(dir, sync_files=True)); "
+        "get_state_dict -> dcp.load(FileSystemReader(dir)) (in place) -> set_state_dict"
+    )
+
+    def save(self, path: Path, model: Any, opt: Any) -> None:
+        """Save the sharded model and optimizer state dicts plus the step into a directory."""
+        from torch.distributed.checkpoint.filesystem import FileSystemWriter
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+        model_sd, optim_sd = get_state_dict(model, opt)
+        state = {"model": model_sd, "optimizer": optim_sd, "step": SAVED_STEP}
+        dcp_save(state, storage_writer=FileSystemWriter(path, sync_files=True))
+
+    def load(self, path: Path, model: Any, opt: Any) -> int | None:
+        """Load into the live shards, then apply with ``set_state_dict``."""
+        from torch.distributed.checkpoint.filesystem import FileSystemReader
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+
+        model_sd, optim_sd = get_state_dict(model, opt)
+        state: dict[str, Any] = {"model": model_sd, "optimizer": optim_sd, "step": 0}
+        dcp_load(state, storage_reader=FileSystemReader(path))
+        set_state_dict(
+            model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+        )
+        return int(state["step"])
+
+
+def _lightning_fsdp_refusal() -> str | None:
+    """Construct Lightning's FSDP Fabric on the CPU as the issue asks; return its error, if any."""
+    try:
+        from lightning.fabric import Fabric
+        from lightning.fabric.strategies.fsdp import FSDPStrategy
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
+        return f"cannot import lightning.fabric: {type(exc).__name__}: {exc}"
+    try:
+        Fabric(strategy=FSDPStrategy(state_dict_type="sharded"), accelerator="cpu", devices=2)
+    except Exception as exc:  # noqa: BLE001 - report whatever Lightning raises
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+class LightningFsdp(Contender):
+    """Lightning Fabric's ``FSDPStrategy(state_dict_type="sharded")`` on the CPU, 2 devices.
+
+    Lightning 2.6 refuses it on the CPU in ``Fabric.__init__`` ("FSDP is only available on
+    GPU"), so this contender only records the refusal. Were it accepted, it would still need an
+    FSDP1 model (``fabric.setup_module`` wraps with ``FullyShardedDataParallel``), not this
+    benchmark's ``fully_shard`` one; that path is not implemented here.
+    """
+
+    name = "lightning-fsdp"
+    description = (
+        'lightning.fabric.Fabric(strategy=FSDPStrategy(state_dict_type="sharded"), '
+        'accelerator="cpu", devices=2)'
+    )
+
+    def unavailable(self) -> str | None:
+        """Lightning's refusal, verbatim (or that this benchmark lacks the FSDP1 path)."""
+        refusal = _lightning_fsdp_refusal()
+        if refusal is not None:
+            return f"Lightning refuses it: {refusal}"
+        return (
+            "Lightning accepted FSDPStrategy on the CPU, but it wraps models with FSDP1; this "
+            "benchmark's fully_shard (FSDP2) model does not fit it (not implemented)"
+        )
+
+
+def _as_is(module: Any, _device_mesh: Any) -> Any:
+    """``parallelize_fn`` for ModelParallelStrategy: the model is already ``fully_shard``-ed."""
+    return module
+
+
+class LightningModelParallel(Contender):
+    """Lightning Fabric's ``ModelParallelStrategy``: Lightning's FSDP2 path, which runs on CPU."""
+
+    name = "lightning-mp"
+    description = (
+        "lightning.fabric.Fabric(strategy=ModelParallelStrategy(parallelize_fn=as_is), "
+        'accelerator="cpu", devices=2).save / .load (sharded DCP dir + meta.pt)'
+    )
+
+    def unavailable(self) -> str | None:
+        """Needs ``lightning`` with ``ModelParallelStrategy``."""
+        try:
+            from lightning.fabric.strategies.model_parallel import ModelParallelStrategy  # noqa: F401
+        except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
+            return f"cannot import ModelParallelStrategy: {type(exc).__name__}: {exc}"
+        return None
+
+    def setup(self) -> None:
+        """Construct the Fabric; torchrun's environment tells it the ranks (no re-launch)."""
+        from lightning.fabric import Fabric
+        from lightning.fabric.strategies.model_parallel import ModelParallelStrategy
+
+        warnings.filterwarnings("ignore", module="lightning")
+        self.fabric = Fabric(
+            strategy=ModelParallelStrategy(parallelize_fn=_as_is),
+            accelerator="cpu",
+            devices=WORLD_SIZE,
+        )
+        self.fabric.launch()  # joins the existing process group
+
+    def save(self, path: Path, model: Any, opt: Any) -> None:
+        """Save model, optimizer and step (a DCP directory plus ``meta.pt`` from rank 0)."""
+        self.fabric.save(path, {"model": model, "optimizer": opt, "step": SAVED_STEP})
+
+    def load(self, path: Path, model: Any, opt: Any) -> int | None:
+        """Load in place; ``step`` comes back in the state dict."""
+        state: dict[str, Any] = {"model": model, "optimizer": opt, "step": 0}
+        returned = self.fabric.load(path, state)
+        return _step_after_load(state, returned)
+
+
+CONTENDERS: dict[str, type[Contender]] = {
+    c.name: c for c in (LightweightCkpt, Dcp, LightningFsdp, LightningModelParallel)
+}
+BASELINE = "dcp"
+
+# --------------------------------------------------------------------------------------------
+# Rank worker: one op on every rank of a fresh process group (started by torchrun)
+# --------------------------------------------------------------------------------------------
+
+
+def _expected_path(path: Path) -> Path:
+    return path.with_name(path.name + ".expected.json")
+
+
+def _check_loaded(
+    expected: dict[str, str] | None, actual: dict[str, str] | None, steps: list[int | None]
+) -> str | None:
+    """Rank 0's verdict on a load: ``None`` if the state and every rank's step match."""
+    if expected is None or actual is None:
+        return None  # not rank 0
+    bad = sorted(k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k))
+    if bad:
+        return f"{len(bad)} of {len(expected)} full-state tensors differ after load, e.g. {bad[:5]}"
+    if any(step != SAVED_STEP for step in steps):
+        return f"loaded step per rank is {steps}, saved {SAVED_STEP}"
+    return None
+
+
+def _after_trim(measurement: Any) -> dict[str, Any]:
+    """The measurement, plus the extra RSS still there after ``gc`` and ``malloc_trim``.
+
+    ``retained_extra_rss`` (right after the op) includes freed heap that glibc keeps;
+    ``trimmed_extra_rss`` is what is still live (or cannot be trimmed) once that is returned.
+    """
+    harness.release_free_memory()
+    trimmed = harness.read_mem_status().rss - measurement.baseline_rss
+    return {**measurement.to_json(), "trimmed_extra_rss": trimmed}
+
+
+def _timed_save(contender: Contender, path: Path, model: Any, opt: Any) -> dict[str, Any]:
+    """Save on every rank, then fsync the whole directory on rank 0; all of it is timed."""
+    import torch.distributed as dist
+
+    def op() -> None:
+        contender.save(path, model, opt)
+        dist.barrier()
+        if dist.get_rank() == 0:  # make every file durable, for every contender alike
+            harness.fsync_path(path)
+        dist.barrier()
+
+    harness.release_free_memory()
+    dist.barrier()
+    measurement, _ = harness.measure(op)
+    return _after_trim(measurement)
+
+
+def _timed_load(contender: Contender, path: Path, model: Any, opt: Any) -> dict[str, Any]:
+    """Perturb the state, load it in place (timed), then check it against the saved digest."""
+    import torch.distributed as dist
+
+    expected = None
+    if dist.get_rank() == 0:
+        expected = json.loads(_expected_path(path).read_text(encoding="utf-8"))
+    perturb(model, opt)
+
+    def op() -> int | None:
+        loaded = contender.load(path, model, opt)
+        dist.barrier()
+        return loaded
+
+    harness.release_free_memory()
+    dist.barrier()
+    measurement, step = harness.measure(op)
+    measured = _after_trim(measurement)
+    actual = full_digest(model, opt)
+    steps: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(steps, step)
+    verdict = [_check_loaded(expected, actual, steps)]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:  # every rank fails, naming the mismatch
+        raise AssertionError(f"{contender.name} load did not restore the state: {verdict[0]}")
+    return measured
+
+
+def _stage(message: str) -> None:
+    """Progress line in this rank's log (shown only when a rank fails; see ``launch``)."""
+    print(f"{datetime.datetime.now():%H:%M:%S.%f} {message}", file=sys.stderr, flush=True)
+
+
+def _import_dcp() -> None:
+    """Import DCP's modules before the baseline, for every contender alike.
+
+    Otherwise a contender that imports them lazily (``dcp`` here, Lightning inside its save)
+    pays a few MiB of module objects in its first op, which a training run pays only once.
+    """
+    import torch.distributed.checkpoint
+    import torch.distributed.checkpoint.filesystem
+    import torch.distributed.checkpoint.state_dict
+    import torch.distributed.checkpoint.state_dict_loader
+    import torch.distributed.checkpoint.state_dict_saver  # noqa: F401
+
+
+def rank_worker(args: argparse.Namespace) -> None:
+    """Run one op of one contender on this rank; rank 0 writes the merged result."""
+    import torch.distributed as dist
+
+    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    try:
+        rank = dist.get_rank()
+        cfg = config_for_size(args.size_mb)
+        path: Path = args.path
+        _stage(f"{args.contender} {args.op}: process group up")
+        _import_dcp()
+        contender = CONTENDERS[args.contender]()
+        contender.setup()
+        model, opt = build_state(cfg)
+        _stage("state built")
+        result: dict[str, Any] = {"contender": args.contender, "op": args.op}
+        if args.op == "save":
+            measurement = _timed_save(contender, path, model, opt)
+            _stage(f"saved in {measurement['seconds']:.2f} s")
+            digest = full_digest(model, opt)  # the saved state, gathered (the save changed none)
+            if rank == 0:
+                result["file_bytes"] = harness.path_size(path)
+                result["files"] = sum(1 for _ in harness.iter_files(path))
+                _expected_path(path).write_text(json.dumps(digest), encoding="utf-8")
+        else:
+            measurement = _timed_load(contender, path, model, opt)
+            _stage(f"loaded in {measurement['seconds']:.2f} s and verified")
+            result["verified"] = True
+        mine = {"rank": rank, "share_bytes": local_state_bytes(model, opt), **measurement}
+        per_rank: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, mine)
+        if rank == 0:
+            result["state_bytes"] = cfg.state_bytes()
+            result["ranks"] = per_rank
+            result["seconds"] = max(r["seconds"] for r in per_rank)
+            harness.write_result(args.result, result)
+        dist.barrier()
+        _stage("result written")
+    finally:
+        dist.destroy_process_group()
+    _stage("process group destroyed")
+
+
+def launch(argv: list[str]) -> int:
+    """Start the rank workers with torchrun (``--standalone``: local rendezvous, free port).
+
+    Each rank's output goes to a log file; if a rank fails, the end of every rank's log is
+    printed last, so ``harness.run_worker``'s error (the last lines of the output) shows it.
+    """
+    from torch.distributed import run as torchrun
+
+    log_dir = Path(tempfile.mkdtemp(prefix="sharded-bench-logs-"))
+    try:
+        torchrun.main(
+            [
+                "--standalone",
+                "--nnodes=1",
+                f"--nproc-per-node={WORLD_SIZE}",
+                "--max-restarts=0",
+                f"--log-dir={log_dir}",
+                "--redirects=3",
+                str(SCRIPT),
+                "--rank-worker",
+                *argv,
+            ]
+        )
+    except Exception as exc:  # noqa: BLE001 - torchrun's ChildFailedError; report the ranks
+        _log(f"torchrun: {type(exc).__name__}")
+        for log in sorted(log_dir.rglob("*.log")):
+            lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+            if lines:
+                _log(f"--- {log.relative_to(log_dir)} (last lines):")
+                _log("\n".join(lines[-15:]))
+        return 1
+    finally:
+        harness.remove_path(log_dir)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Orchestrator
+# --------------------------------------------------------------------------------------------
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _launch_args(name: str, op: str, path: Path, args: argparse.Namespace) -> list[str]:
+    return [
+        "--launch",
+        "--contender",
+        name,
+        "--op",
+        op,
+        "--path",
+        str(path),
+        "--size-mb",
+        str(args.size_mb),
+    ]
+
+
+def run_round(
+    rnd: int, names: list[str], data_dir: Path, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """One round: every contender (order rotated per round) saves, then loads its own directory."""
+    shift = (rnd - 1) % len(names)
+    results: list[dict[str, Any]] = []
+    for name in names[shift:] + names[:shift]:
+        path = data_dir / f"{name}-r{rnd}"
+        try:
+            for op in ("save", "load"):
+                res = harness.run_worker(
+                    SCRIPT, _launch_args(name, op, path, args), extra_pythonpath=[REPO_ROOT]
+                )
+                results.append({**res, "round": rnd})
+                peak = max(r["peak_extra_rss"] for r in res["ranks"]) / harness.MIB
+                _log(
+                    f"round {rnd} {name:>16} {op} {res['seconds']:7.2f}s  peak/rank {peak:6.0f} MiB"
+                )
+        finally:
+            harness.remove_path(path)
+            harness.remove_path(_expected_path(path))
+    return results
+
+
+def summarize(results: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
+    """Median time and the worst per-rank peak memory per (contender, op); ratios to DCP."""
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        for op in ("save", "load"):
+            runs = [r for r in results if r["contender"] == name and r["op"] == op]
+            if not runs:
+                continue
+            secs = [r["seconds"] for r in runs]
+            ranks = [rank for r in runs for rank in r["ranks"]]
+            worst = max(ranks, key=lambda rank: rank["peak_extra_rss"])
+            rows.append(
+                {
+                    "contender": name,
+                    "op": op,
+                    "median_s": harness.median(secs),
+                    "min_s": min(secs),
+                    "max_s": max(secs),
+                    "rounds": len(runs),
+                    "state_bytes": runs[0]["state_bytes"],
+                    "share_bytes": max(rank["share_bytes"] for rank in ranks),
+                    "file_bytes": next((r["file_bytes"] for r in runs if "file_bytes" in r), None),
+                    "files": next((r["files"] for r in runs if "files" in r), None),
+                    "peak_extra_rss": worst["peak_extra_rss"],
+                    "peak_extra_rss_share": worst["peak_extra_rss"] / worst["share_bytes"],
+                    "peak_extra_anon": max(rank["peak_extra_anon"] for rank in ranks),
+                    "trimmed_extra_rss": max(rank["trimmed_extra_rss"] for rank in ranks),
+                }
+            )
+    for row in rows:
+        base = [r for r in rows if r["contender"] == BASELINE and r["op"] == row["op"]]
+        row["ratio"] = row["median_s"] / base[0]["median_s"] if base else None
+    return rows
+
+
+def render_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of the summary rows."""
+    headers = [
+        "contender",
+        "op",
+        "median s (min-max)",
+        "vs dcp",
+        "peak extra RSS MiB/rank",
+        "% of rank share",
+        "peak extra anon MiB/rank",
+        "left after trim MiB/rank",
+    ]
+    body = [
+        [
+            r["contender"],
+            r["op"],
+            f"{r['median_s']:.2f} ({r['min_s']:.2f}-{r['max_s']:.2f})",
+            f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-",
+            f"{r['peak_extra_rss'] / harness.MIB:.0f}",
+            f"{100 * r['peak_extra_rss_share']:.0f}%",
+            f"{r['peak_extra_anon'] / harness.MIB:.0f}",
+            f"{r['trimmed_extra_rss'] / harness.MIB:.0f}",
+        ]
+        for r in rows
+    ]
+    return harness.markdown_table(headers, body)
+
+
+def _parse_contenders(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONTENDERS]
+    if unknown:
+        raise SystemExit(f"unknown contenders {unknown}; choose from {sorted(CONTENDERS)}")
+    return names
+
+
+def orchestrate(args: argparse.Namespace) -> int:
+    """Run all rounds, print the markdown table and optionally dump raw JSON."""
+    import torch
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per rank (torchrun's default)
+    names: list[str] = []
+    not_run: dict[str, str] = {}
+    for name in _parse_contenders(args.contenders):
+        reason = CONTENDERS[name]().unavailable()
+        if reason:
+            not_run[name] = reason
+            _log(f"not run: {name}: {reason}")
+        else:
+            names.append(name)
+    if not names:
+        raise SystemExit("no contender can run")
+    cfg = config_for_size(args.size_mb)
+    own_dir = args.dir is None
+    data_dir = Path(tempfile.mkdtemp(prefix=".ckpt-bench-", dir=REPO_ROOT)) if own_dir else args.dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    info = harness.machine_info(data_dir)
+    state = cfg.state_bytes()
+    header = (
+        f"state: {N_LAYERS} x Linear({cfg.d}, {cfg.d}), {cfg.n_params() / 1e6:.1f}M params, "
+        f"fully_shard over {WORLD_SIZE} ranks (gloo, CPU) + AdamW = {state / MB:.0f} MB "
+        f"({state / harness.MIB:.0f} MiB), ~{state / WORLD_SIZE / harness.MIB:.0f} MiB per rank; "
+        f"rounds: {args.rounds}"
+        f"\nmachine: {info['cpu']}, {info['cores']} cores, {info['mem_gib']} GiB; "
+        f"torch {torch.__version__}; dir: {data_dir} on {info['filesystem']}"
+    )
+    _log(header)
+    results: list[dict[str, Any]] = []
+    try:
+        for rnd in range(1, args.rounds + 1):
+            results.extend(run_round(rnd, names, data_dir, args))
+    finally:
+        if own_dir:
+            harness.remove_path(data_dir)
+    rows = summarize(results, names)
+    print(header.replace("\n", "  \n") + "\n")
+    print(render_table(rows))
+    if not_run:
+        print()
+        for name, reason in not_run.items():
+            print(f"Not run: `{name}`: {reason}")
+    if args.json:
+        payload = {
+            "config": asdict(cfg),
+            "world_size": WORLD_SIZE,
+            "machine": info,
+            "summary": rows,
+            "runs": results,
+            "not_run": not_run,
+            "args": {k: str(v) for k, v in vars(args).items()},
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options for the orchestrator, the launcher and the rank workers."""
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
+    p.add_argument(
+        "--size-mb",
+        type=float,
+        default=DEFAULT_SIZE_MB,
+        help=f"global model + AdamW state in MB (default {DEFAULT_SIZE_MB:.0f}); half per rank",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="rounds; the table shows the median")
+    p.add_argument(
+        "--contenders",
+        default=",".join(CONTENDERS),
+        help="comma list, default all: " + ",".join(CONTENDERS),
+    )
+    p.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="where checkpoints go (default: a temporary directory in the repository)",
+    )
+    p.add_argument("--json", type=Path, default=None, help="also write raw results here")
+    internal = p.add_argument_group("internal")
+    internal.add_argument("--launch", action="store_true", help=argparse.SUPPRESS)
+    internal.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
+    internal.add_argument("--contender", help=argparse.SUPPRESS)
+    internal.add_argument("--op", choices=("save", "load"), help=argparse.SUPPRESS)
+    internal.add_argument("--path", type=Path, help=argparse.SUPPRESS)
+    internal.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Orchestrator by default; ``--launch`` starts torchrun; ``--rank-worker`` is one rank."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.rank_worker:
+        rank_worker(args)
+    elif args.launch:
+        return launch([a for a in argv if a != "--launch"])
+    else:
+        return orchestrate(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
