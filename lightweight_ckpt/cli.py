@@ -58,8 +58,9 @@ def consolidate(
     """
     source = resolve(src, src_options)
     metadata = dcp_dir.read_metadata(source, src_options)
-    tree, tensors, value_names = dcp_dir.skeleton(metadata)
-    dcp_dir.read_values(source, src_options, metadata, tree, value_names, weights_only=weights_only)
+    tree = dcp_dir.skeleton(metadata)
+    tensors = dcp_dir.tensors_of(tree, metadata)
+    dcp_dir.read_values(source, src_options, metadata, tree, weights_only=weights_only)
     by_storage = {t.untyped_storage().data_ptr(): n for n, t in tensors.items() if t.numel()}
 
     def fill(storage: torch.UntypedStorage) -> None:
@@ -126,8 +127,8 @@ def inspect_checkpoint(path: str, options: dict[str, Any] | None = None) -> dict
     location = resolve(path, options)
     if dcp_dir.is_sharded(location):
         metadata = dcp_dir.read_metadata(location, options)
-        tree, _, values = dcp_dir.skeleton(metadata)  # unread tensors: no data is loaded
-        dcp_dir.read_values(location, options, metadata, tree, values, weights_only=True)
+        tree = dcp_dir.skeleton(metadata)  # unread tensors: no data is loaded
+        dcp_dir.read_values(location, options, metadata, tree, weights_only=True)
         layout = "sharded"
     else:
         source = open_source(location)

@@ -9,8 +9,11 @@ fsspec writer lacks, without changing the format:
   metadata records that relative path, so stock readers resolve it) and publish ``.metadata``
   last through ``storage.staged_write`` (an atomic replace on every filesystem). Until then the
   previous checkpoint is intact; afterwards rank 0 removes the previous version's folder.
-- **Safe loads.** DCP unpickles non-tensor values with ``weights_only=False``; our load planner
-  uses ``weights_only=True``, so a checkpoint cannot run code on load.
+- **Safe loads.** DCP unpickles ``.metadata`` with plain ``pickle`` and non-tensor values with
+  ``weights_only=False``; we read ``.metadata`` through an allowlist of DCP's metadata classes
+  and load values with ``weights_only=True``, so a checkpoint cannot run code on load.
+- **Our errors.** DCP's ``CheckpointException`` (a ``BaseException``) becomes a
+  ``CheckpointError`` naming the path.
 - **No ``.metadata``, no checkpoint.** A folder without it (an interrupted first save) raises
   ``CheckpointNotFoundError``.
 """
@@ -28,14 +31,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint._traverse import set_element
-from torch.distributed.checkpoint.default_planner import (
-    DefaultLoadPlanner,
-    _EmptyStateDictLoadPlanner,
-)
-from torch.distributed.checkpoint.filesystem import _StoragePrefix
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystemReader, _StoragePrefix
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     Metadata,
+    StorageMeta,
     TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
@@ -43,10 +45,12 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from lightweight_ckpt.errors import (
+    CheckpointError,
     CheckpointNotFoundError,
     CheckpointWriteError,
     CorruptCheckpointError,
     InvalidCheckpointError,
+    StateMismatchError,
     UnsafeCheckpointError,
 )
 from lightweight_ckpt.storage import Location, resolve, staged_write
@@ -135,8 +139,11 @@ def write(
 ) -> None:
     """Save this rank's piece of ``checkpoint`` (a collective: every rank calls it)."""
     writer = _VersionedWriter(location.url, version, storage_options)
-    with _single_process_ok():
-        dcp_save(checkpoint, storage_writer=writer, no_dist=not _distributed())
+    try:
+        with _single_process_ok():
+            dcp_save(checkpoint, storage_writer=writer, no_dist=not _distributed())
+    except CheckpointException as err:
+        raise _translate(location.url, err, writing=True) from err
 
 
 def remove_stale_versions(location: Location, keep: str) -> None:
@@ -145,6 +152,79 @@ def remove_stale_versions(location: Location, keep: str) -> None:
         name = posixpath.basename(entry.rstrip("/"))
         if name.startswith(VERSION_PREFIX) and name != keep:
             location.fs.rm(entry, recursive=True)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickle ``.metadata`` allowing only what DCP metadata holds (DCP itself allows anything)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = (
+            module == "torch.distributed.checkpoint.metadata"
+            or (module, name) in _METADATA_GLOBALS
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in DCP metadata")
+        return super().find_class(module, name)
+
+
+_METADATA_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _SafeMetadata:
+    """Reader mixin: ``.metadata`` goes through ``_MetadataUnpickler``, never plain pickle."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        reader: Any = self
+        path = reader._get_metadata_path(kwargs.get("rank"))
+        with reader.fs.create_stream(path, "rb") as stream:
+            metadata: Metadata = _MetadataUnpickler(stream).load()
+        storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
+        storage_meta.load_id = reader.load_id
+        metadata.storage_meta = storage_meta
+        return metadata
+
+
+class _SafeFileSystemReader(_SafeMetadata, FileSystemReader):
+    """DCP's local file reader with safe metadata."""
+
+
+class _SafeFsspecReader(_SafeMetadata, FsspecReader):
+    """DCP's fsspec reader with safe metadata."""
+
+
+def _reader(location: Location, storage_options: Any) -> FileSystemReader:
+    """DCP's plain file reader on local disk (no fsspec layer), its fsspec reader elsewhere."""
+    if location.is_local:
+        return _SafeFileSystemReader(location.path)
+    return _SafeFsspecReader(location.url, **dict(storage_options or {}))
+
+
+def _translate(url: str, err: CheckpointException, writing: bool) -> Exception:
+    """Turn DCP's ``CheckpointException`` (a BaseException!) into one of our errors."""
+    failures = [
+        wrapped[0] if isinstance(wrapped, tuple) else wrapped
+        for wrapped in getattr(err, "failures", {}).values()
+    ]
+    for failure in failures:
+        if isinstance(failure, CheckpointError):
+            return failure
+    ranks = sorted(getattr(err, "failures", {}))
+    detail = "; ".join(f"{type(f).__name__}: {f}" for f in failures) or str(err)
+    if writing:
+        return CheckpointWriteError(f"{url}: sharded save failed on rank(s) {ranks}: {detail}")
+    if "Missing key in checkpoint state_dict" in detail:
+        return StateMismatchError(f"{url}: the sharded checkpoint lacks entries: {detail}")
+    if any(isinstance(f, FileNotFoundError) for f in failures):
+        return CorruptCheckpointError(
+            f"{url}: a piece of the sharded checkpoint is missing: {detail}"
+        )
+    return CorruptCheckpointError(f"{url}: the sharded checkpoint is unreadable: {detail}")
 
 
 def read_metadata(location: Location, storage_options: Any) -> Metadata:
@@ -167,8 +247,7 @@ def read_metadata(location: Location, storage_options: Any) -> Metadata:
             f"{location.url}: is a directory but not a sharded checkpoint (no {METADATA})"
         )
     try:
-        reader = FsspecReader(location.url, **dict(storage_options or {}))
-        metadata: Metadata = reader.read_metadata()
+        metadata: Metadata = _reader(location, storage_options).read_metadata()
     except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as err:
         raise CorruptCheckpointError(f"{location.url}: {METADATA} is unreadable: {err}") from err
     return metadata
@@ -182,16 +261,6 @@ def top_level_keys(metadata: Metadata) -> dict[str, list[str]]:
         path = mappings.get(fqn, (fqn,))
         keys.setdefault(str(path[0]), []).append(fqn)
     return keys
-
-
-def plain_values(metadata: Metadata) -> set[str]:
-    """Return the state keys whose values are stored as pickled bytes (not tensors)."""
-    mappings = metadata.planner_data or {}
-    return {
-        str(mappings.get(fqn, (fqn,))[0])
-        for fqn, item in metadata.state_dict_metadata.items()
-        if isinstance(item, BytesStorageMetadata) and len(mappings.get(fqn, (fqn,))) == 1
-    }
 
 
 class _SafeLoadPlanner(DefaultLoadPlanner):
@@ -218,75 +287,67 @@ class _SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[fqn] = loaded
 
 
-class _SafeReadAllPlanner(_SafeLoadPlanner, _EmptyStateDictLoadPlanner):
-    """Load every item (or those under ``keys``) as full tensors / values, non-tensors safely."""
-
-    def __init__(self, url: str, weights_only: bool, keys: set[str] | None) -> None:
-        super().__init__(url, weights_only)
-        self.keys = keys
-
-
 def read(
     template: dict[str, Any], location: Location, storage_options: Any, weights_only: bool
 ) -> None:
     """Fill ``template`` in place from the checkpoint (a collective: every rank calls it)."""
-    with _single_process_ok():
-        dcp_load(
-            template,
-            storage_reader=FsspecReader(location.url, **dict(storage_options or {})),
-            planner=_SafeLoadPlanner(location.url, weights_only),
-            no_dist=not _distributed(),
-        )
+    try:
+        with _single_process_ok():
+            dcp_load(
+                template,
+                storage_reader=_reader(location, storage_options),
+                planner=_SafeLoadPlanner(location.url, weights_only),
+                no_dist=not _distributed(),
+            )
+    except CheckpointException as err:
+        raise _translate(location.url, err, writing=False) from err
 
 
-def read_all(
-    location: Location, storage_options: Any, weights_only: bool, keys: set[str] | None = None
-) -> dict[str, Any]:
-    """Return the checkpoint (or its top-level ``keys``) with full tensors, in this process only."""
-    checkpoint: dict[str, Any] = {}
-    if keys is not None and not keys:
-        return checkpoint
-    # The private loader, as torch's own format_utils does: the public one copies the dict, so
-    # a planner that builds the state from the metadata would fill a copy we never see.
-    _load_state_dict(
-        checkpoint,
-        storage_reader=FsspecReader(location.url, **dict(storage_options or {})),
-        planner=_SafeReadAllPlanner(location.url, weights_only, keys),
-        no_dist=True,
-    )
-    return checkpoint
+def skeleton(metadata: Metadata, keys: set[str] | None = None) -> dict[str, Any]:
+    """Build the checkpoint's tree (or its top-level ``keys``) for DCP to fill.
 
-
-def skeleton(metadata: Metadata) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[str]]:
-    """Build the checkpoint's tree with full-size tensors that are allocated but not read.
-
-    Returns ``(tree, {item name: tensor}, [names of non-tensor items])``. Untouched tensor
-    memory is not resident, so this costs next to nothing until the tensors are filled.
+    Tensors are full-size, allocated but unread (untouched memory is not resident); non-tensor
+    values are ``None`` placeholders that the load replaces.
     """
     tree: dict[str, Any] = {}
-    tensors: dict[str, torch.Tensor] = {}
-    values: list[str] = []
     mappings = metadata.planner_data or {}
     for fqn, item in metadata.state_dict_metadata.items():
         path = mappings.get(fqn, (fqn,))
+        if keys is not None and str(path[0]) not in keys:
+            continue
+        value = None
         if isinstance(item, TensorStorageMetadata):
-            tensors[fqn] = torch.empty(tuple(item.size), dtype=item.properties.dtype)
-            set_element(tree, path, tensors[fqn])
-        else:
-            values.append(fqn)
-    return tree, tensors, values
+            value = torch.empty(tuple(item.size), dtype=item.properties.dtype)
+        set_element(tree, path, value)
+    return tree
+
+
+def tensors_of(tree: Any, metadata: Metadata) -> dict[str, torch.Tensor]:
+    """Map each tensor item's name in ``metadata`` to its tensor in a ``skeleton`` tree."""
+    found: dict[str, torch.Tensor] = {}
+    mappings = metadata.planner_data or {}
+    for fqn, item in metadata.state_dict_metadata.items():
+        if isinstance(item, TensorStorageMetadata):
+            node = tree
+            for part in mappings.get(fqn, (fqn,)):
+                node = node[part]
+            found[fqn] = node
+    return found
 
 
 def read_items(
     location: Location, storage_options: Any, items: dict[str, Any], weights_only: bool
 ) -> None:
     """Fill ``{item name: tensor or None}`` in place from the checkpoint, in this process only."""
-    _load_state_dict(
-        items,
-        storage_reader=FsspecReader(location.url, **dict(storage_options or {})),
-        planner=_SafeLoadPlanner(location.url, weights_only),
-        no_dist=True,
-    )
+    try:
+        _load_state_dict(
+            items,
+            storage_reader=_reader(location, storage_options),
+            planner=_SafeLoadPlanner(location.url, weights_only),
+            no_dist=True,
+        )
+    except CheckpointException as err:
+        raise _translate(location.url, err, writing=False) from err
 
 
 def read_values(
@@ -294,21 +355,27 @@ def read_values(
     storage_options: Any,
     metadata: Metadata,
     tree: dict[str, Any],
-    names: list[str],
     *,
     weights_only: bool,
 ) -> None:
-    """Read the non-tensor items ``names`` and put them into ``tree`` where they belong."""
+    """Read every non-tensor item and put it into ``tree`` where it belongs."""
+    mappings = metadata.planner_data or {}
+    names = [
+        fqn
+        for fqn, item in metadata.state_dict_metadata.items()
+        if isinstance(item, BytesStorageMetadata)
+    ]
     values: dict[str, Any] = dict.fromkeys(names)
     read_items(location, storage_options, values, weights_only)
-    mappings = metadata.planner_data or {}
     for name, value in values.items():
         set_element(tree, mappings.get(name, (name,)), value)
 
 
-def check_pieces(location: Location, storage_options: Any) -> list[str]:
+def check_pieces(
+    location: Location, storage_options: Any, metadata: Metadata | None = None
+) -> list[str]:
     """Return problems with the pieces ``.metadata`` names: missing or shorter than needed."""
-    metadata = read_metadata(location, storage_options)
+    metadata = metadata or read_metadata(location, storage_options)
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         end = int(info.offset) + int(info.length)
@@ -321,3 +388,17 @@ def check_pieces(location: Location, storage_options: Any) -> list[str]:
         elif int(location.fs.size(piece)) < end:
             problems.append(f"{relative}: truncated ({location.fs.size(piece)} < {end} bytes)")
     return problems
+
+
+def require_pieces(location: Location, storage_options: Any, metadata: Metadata) -> None:
+    """Raise before any data is read if a piece is missing or truncated (no partial loads).
+
+    Raises:
+        CorruptCheckpointError: naming the path and every damaged piece.
+    """
+    problems = check_pieces(location, storage_options, metadata)
+    if problems:
+        raise CorruptCheckpointError(
+            f"{location.url}: damaged sharded checkpoint: {'; '.join(problems)}. "
+            "Load an earlier checkpoint."
+        )

@@ -264,20 +264,6 @@ class AsyncCheckpointIO(CheckpointIO):
             template, path, weights_only=weights_only, storage_options=storage_options
         )
 
-    def load_sharded_full(
-        self,
-        path: StrPath,
-        keys: set[str] | None = None,
-        *,
-        weights_only: bool | None = None,
-        storage_options: StorageOptions | None = None,
-    ) -> Checkpoint:
-        """Wait for pending saves, then load through the wrapped IO."""
-        self.wait()
-        return self.checkpoint_io.load_sharded_full(
-            path, keys, weights_only=weights_only, storage_options=storage_options
-        )
-
     def teardown(self) -> None:
         """Wait for pending saves, stop the worker, raise a background failure."""
         try:

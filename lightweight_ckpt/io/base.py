@@ -189,10 +189,16 @@ class CheckpointIO(ABC):
     def read_sharded_metadata(
         self, path: StrPath, storage_options: StorageOptions | None = None
     ) -> Metadata:
-        """Return the committed sharded checkpoint's DCP metadata (keys, shapes, dtypes)."""
-        return dcp_dir.read_metadata(
-            self.locate(path, storage_options), self.options(storage_options)
-        )
+        """Return the committed checkpoint's DCP metadata, after checking its pieces are whole.
+
+        Raises:
+            CheckpointNotFoundError: nothing committed at ``path``.
+            CorruptCheckpointError: unreadable metadata, or a missing or truncated piece.
+        """
+        location, options = self.locate(path, storage_options), self.options(storage_options)
+        metadata = dcp_dir.read_metadata(location, options)
+        dcp_dir.require_pieces(location, options, metadata)
+        return metadata
 
     def load_sharded(
         self,
@@ -205,19 +211,6 @@ class CheckpointIO(ABC):
         """Fill ``template`` (sharded or full tensors) in place (every rank calls it)."""
         location = self.locate(path, storage_options)
         dcp_dir.read(template, location, self.options(storage_options), weights_only is not False)
-
-    def load_sharded_full(
-        self,
-        path: StrPath,
-        keys: set[str] | None = None,
-        *,
-        weights_only: bool | None = None,
-        storage_options: StorageOptions | None = None,
-    ) -> Checkpoint:
-        """Return a sharded checkpoint's entries (all, or ``keys``) as full tensors, locally."""
-        location = self.locate(path, storage_options)
-        options = self.options(storage_options)
-        return dcp_dir.read_all(location, options, weights_only is not False, keys)
 
     def open_checkpoint(
         self,

@@ -27,10 +27,11 @@ from typing import TYPE_CHECKING, Any, cast, final
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
 from lightweight_ckpt import collectives
 from lightweight_ckpt.errors import InvalidCheckpointError
-from lightweight_ckpt.formats.dcp_dir import top_level_keys
+from lightweight_ckpt.formats.dcp_dir import skeleton, top_level_keys
 from lightweight_ckpt.io import CheckpointIO, TorchCheckpointIO
 from lightweight_ckpt.state import (
     RAW_KEY,
@@ -183,11 +184,11 @@ class Strategy:
         if state:
             self.check_state(state)
         path = collectives.broadcast_object(path)
-        sharded = collectives.run_on_all_ranks(
-            "open", lambda: self.checkpoint_io.is_sharded(path, storage_options)
+        opened = collectives.run_on_all_ranks(
+            "open", lambda: self._open_sharded(path, state, strict, storage_options)
         )
-        if sharded:
-            return self._load_sharded(path, state, strict, weights_only, storage_options)
+        if opened is not None:
+            return self._load_sharded(path, opened, weights_only, storage_options)
         return collectives.run_on_all_ranks(
             "load", lambda: self._load_file(path, state, strict, weights_only, storage_options)
         )
@@ -238,64 +239,33 @@ class Strategy:
             )
         return remainder, plan.report
 
-    def _load_sharded(
+    def _open_sharded(
         self,
         path: StrPath,
         state: State | None,
         strict: bool,
-        weights_only: bool | None,
         storage_options: StorageOptions | None,
-    ) -> tuple[Any, LoadReport | None]:
-        io = self.checkpoint_io
-        if not state:
-            collectives.run_on_all_ranks(
-                "open", lambda: io.read_sharded_metadata(path, storage_options)
-            )
-            full = collectives.run_on_all_ranks(
-                "load",
-                lambda: io.load_sharded_full(
-                    path, weights_only=weights_only, storage_options=storage_options
-                ),
-            )
-            return full, None
-        # 1. on every rank: read the metadata, check keys/shapes, build the template; agree.
-        template, plan = collectives.run_on_all_ranks(
-            "plan load", lambda: self._plan_sharded(path, state, strict, storage_options)
-        )
-        # 2. a collective: DCP fills the stateful entries' (sharded) template in place.
-        io.load_sharded(template, path, weights_only=weights_only, storage_options=storage_options)
-        # 3. plain values and the remainder are read whole; then restore everything in place.
-        plain = {k for k, v in plan.checkpoint.items() if k not in template}
-        values = io.load_sharded_full(
-            path,
-            plain | set(plan.report.remainder_keys),
-            weights_only=weights_only,
-            storage_options=storage_options,
-        )
-        plan.checkpoint.update(template)
-        plan.checkpoint.update({k: values[k] for k in plain})
-        plan.module_dicts.update({k: template[k] for k in plan.module_dicts})
-        remainder = collectives.run_on_all_ranks(
-            "restore",
-            lambda: apply_restore(
-                plan, frozenset(), self.load_module_state_dict, self.load_optimizer_state_dict
-            ),
-        )
-        remainder.update({k: values[k] for k in plan.report.remainder_keys})
-        return remainder, plan.report
+    ) -> tuple[Checkpoint, RestorePlan | None] | None:
+        """If ``path`` is sharded: check it against ``state`` and build the template to fill.
 
-    def _plan_sharded(
-        self, path: StrPath, state: State, strict: bool, storage_options: StorageOptions | None
-    ) -> tuple[Checkpoint, RestorePlan]:
-        metadata = self.checkpoint_io.read_sharded_metadata(path, storage_options)
+        The template holds the stateful entries as the hooks give them (sharded for FSDP
+        modules), and plain values and unrequested entries as laid out in the metadata, so that
+        one DCP pass reads everything. Returns None for a single file.
+        """
+        io = self.checkpoint_io
+        if not io.is_sharded(path, storage_options):
+            return None
+        metadata = io.read_sharded_metadata(path, storage_options)
         available = top_level_keys(metadata)
+        if not state:
+            return skeleton(metadata, set(available)), None
         if strict:
             check_requested_keys(str(path), list(state), available)
         present = {k: obj for k, obj in state.items() if k in available}
         stateful = {k: obj for k, obj in present.items() if is_stateful(obj)}
-        template = collect(stateful, {}, lambda obj: self.convert(obj, state))
+        template = collect(stateful, {}, lambda obj: _sharded_view(obj, state))
         saved = _saved_entries(metadata, available, template, state)
-        saved.update({k: None for k in present if k not in stateful})  # read whole later
+        saved.update({k: None for k in present if k not in stateful})  # filled by the same pass
         plan = plan_restore(
             str(path),
             present,
@@ -306,9 +276,35 @@ class Strategy:
         )
         for key, entry in plan.module_dicts.items():  # keep what matched, as the plan decided
             template[key] = {name: template[key][name] for name in entry if name in template[key]}
+        template.update(skeleton(metadata, set(available) - set(stateful)))
         plan.state = state
         plan.report = _with_missing(plan.report, state, available)
         return template, plan
+
+    def _load_sharded(
+        self,
+        path: StrPath,
+        opened: tuple[Checkpoint, RestorePlan | None],
+        weights_only: bool | None,
+        storage_options: StorageOptions | None,
+    ) -> tuple[Any, LoadReport | None]:
+        template, plan = opened
+        io = self.checkpoint_io
+        # one collective DCP pass fills the template in place (its errors reach every rank)
+        io.load_sharded(template, path, weights_only=weights_only, storage_options=storage_options)
+        if plan is None:
+            return template, None
+        for key in plan.checkpoint:
+            plan.checkpoint[key] = template[key]
+        plan.module_dicts.update({k: template[k] for k in plan.module_dicts})
+        remainder = collectives.run_on_all_ranks(
+            "restore",
+            lambda: apply_restore(
+                plan, frozenset(), self.load_module_state_dict, self.load_optimizer_state_dict
+            ),
+        )
+        remainder.update({k: template[k] for k in plan.report.remainder_keys})
+        return remainder, plan.report
 
     @final
     def load_raw(
@@ -344,6 +340,25 @@ class Strategy:
     def teardown(self) -> None:
         """Release the IO plugin's resources."""
         self.checkpoint_io.teardown()
+
+
+def _sharded_view(obj: object, state: State) -> Any:
+    """Return what a sharded checkpoint holds for ``obj``: DCP's state dicts.
+
+    They are keyed by names and sharded where the modules are, whatever strategy wrote them, so
+    any strategy can load any sharded checkpoint.
+    """
+    if isinstance(obj, nn.Module):
+        return get_model_state_dict(obj)
+    if isinstance(obj, torch.optim.Optimizer):
+        module = owner_module(obj, state)
+        if module is None:
+            raise ValueError(
+                "loading an optimizer from a sharded checkpoint needs the module it updates "
+                "in the same state"
+            )
+        return get_optimizer_state_dict(module, obj)
+    return to_state_dict(obj)
 
 
 def _saved_entries(

@@ -46,7 +46,10 @@ def _entry(  # noqa: PLR0917 - a Process target takes positional arguments
             dist.destroy_process_group()
     except BaseException:
         errors.put((rank, traceback.format_exc()))
-        raise
+        os._exit(1)
+    # Leave without interpreter teardown: torch's static destructors occasionally abort a
+    # process after a clean run ("terminate called without an active exception").
+    os._exit(0)
 
 
 def run_distributed(
