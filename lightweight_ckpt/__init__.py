@@ -16,12 +16,14 @@ from lightweight_ckpt.errors import (
     UnsafeCheckpointError,
 )
 from lightweight_ckpt.fabric import Fabric
+from lightweight_ckpt.manager import CheckpointManager, ResumeResult
 from lightweight_ckpt.state import EntryReport, LoadReport
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointWriteError",
     "CorruptCheckpointError",
@@ -30,6 +32,7 @@ __all__ = [
     "InvalidCheckpointError",
     "LoadReport",
     "MissingKeysError",
+    "ResumeResult",
     "StateMismatchError",
     "UnsafeCheckpointError",
     "__version__",
