@@ -44,7 +44,7 @@ def _entry(  # noqa: PLR0917 - a Process target takes positional arguments
             body(rank, world_size, *args)
         finally:
             dist.destroy_process_group()
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - every failure goes to the parent, then we exit
         errors.put((rank, traceback.format_exc()))
         os._exit(1)
     # Leave without interpreter teardown: torch's static destructors occasionally abort a
