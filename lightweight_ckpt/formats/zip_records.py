@@ -9,6 +9,7 @@ record's bytes, and verify every CRC before a load changes anything. The CRC32 c
 
 from __future__ import annotations
 
+import json
 import mmap
 import struct
 import zipfile
@@ -35,6 +36,8 @@ except ImportError:  # pragma: no cover - isal ships wheels for every common pla
 _LOCAL_HEADER = struct.Struct("<4s22xHH")
 _LOCAL_SIGNATURE = b"PK\x03\x04"
 _WINDOW_BYTES = 16 * 1024 * 1024
+CRC_RECORD = ".data/lightweight_ckpt_crc32.json"
+"""Our record of CRC32s (written when torch's own zip CRCs are switched off; see torch_file)."""
 LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
 """How a pre-1.6 (non-zip) ``torch.save`` file starts."""
 
@@ -69,7 +72,27 @@ def read_index(source: Source) -> dict[str, Record]:
         raise InvalidCheckpointError(
             f"{source.url}: not a torch checkpoint (no zip archive found; {source.size} bytes)"
         ) from err
-    return {info.filename: _locate(source, info) for info in infos}
+    records = {info.filename: _locate(source, info) for info in infos}
+    return _with_our_crcs(source, records)
+
+
+def _with_our_crcs(source: Source, records: dict[str, Record]) -> dict[str, Record]:
+    """Fill in CRC32s from our record where the zip's own fields are 0 (not computed)."""
+    ours = next((r for name, r in records.items() if name.endswith("/" + CRC_RECORD)), None)
+    if ours is None:
+        return records
+    try:
+        table = json.loads(source.read_at(ours.offset, ours.size))
+    except ValueError as err:
+        raise CorruptCheckpointError(f"{source.url}: the CRC32 table is damaged ({err})") from err
+    if not isinstance(table, dict):
+        raise CorruptCheckpointError(f"{source.url}: the CRC32 table is damaged")
+    return {
+        name: record
+        if record.crc or name not in table
+        else Record(name, record.offset, record.size, int(table[name]))
+        for name, record in records.items()
+    }
 
 
 def _locate(source: Source, info: zipfile.ZipInfo) -> Record:
@@ -94,7 +117,7 @@ def _locate(source: Source, info: zipfile.ZipInfo) -> Record:
 
 def check_crc(url: str, record: Record, actual: int, entry: str | None = None) -> None:
     """Raise ``CorruptCheckpointError`` naming the record (and state entry) if the CRC differs."""
-    if record.crc not in (actual, 0):  # 0: written with torch's compute_crc32 turned off
+    if record.crc not in (actual, 0):  # 0: not recorded (torch with compute_crc32 off)
         where = f"record {record.name!r}" + (f" (state entry {entry!r})" if entry else "")
         raise CorruptCheckpointError(
             f"{url}: checksum mismatch in {where}: stored CRC32 {record.crc:08x}, "
