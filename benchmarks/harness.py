@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping, Sequence
+    from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 T = TypeVar("T")
 
@@ -379,3 +379,42 @@ def machine_info(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
         "kernel": platform.release(),
         "filesystem": _mount_of(Path(data_dir)),
     }
+
+
+def runnable(
+    requested: Iterable[str], contenders: Mapping[str, Callable[[], Any]]
+) -> tuple[list[str], dict[str, str]]:
+    """Split contender names into those that can run here and ``{name: why not}``."""
+    names: list[str] = []
+    not_run: dict[str, str] = {}
+    for name in requested:
+        reason = contenders[name]().unavailable()
+        if reason:
+            not_run[name] = reason
+            print(f"not run: {name}: {reason}", file=sys.stderr, flush=True)
+        else:
+            names.append(name)
+    if not names:
+        raise SystemExit("no contender can run")
+    return names, not_run
+
+
+@contextlib.contextmanager
+def scratch_dir(requested: Path | None, repo_root: Path) -> Iterator[Path]:
+    """Yield the folder benchmark files go to: ``requested``, or a temp folder on the repo's
+    filesystem (not /dev/shm or a tmpfs), removed afterwards."""
+    if requested is not None:
+        requested.mkdir(parents=True, exist_ok=True)
+        yield requested
+        return
+    path = Path(tempfile.mkdtemp(prefix=".ckpt-bench-", dir=repo_root))
+    try:
+        yield path
+    finally:
+        remove_path(path)
+
+
+def dump_json(path: str | os.PathLike[str], payload: Mapping[str, Any], args: Any) -> None:
+    """Write raw results with the command-line arguments that produced them."""
+    record = {**payload, "args": {k: str(v) for k, v in vars(args).items()}}
+    Path(path).write_text(json.dumps(record, indent=1), encoding="utf-8")

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -576,43 +575,29 @@ def _parse_contenders(text: str) -> list[str]:
 def orchestrate(args: argparse.Namespace) -> int:
     """Run all rounds, print the markdown table and optionally dump raw JSON."""
     sys.path.insert(0, str(REPO_ROOT))
-    names = []
-    for name in _parse_contenders(args.contenders):
-        reason = CONTENDERS[name]().unavailable()
-        if reason:
-            _log(f"skipping {name}: {reason}")
-        else:
-            names.append(name)
-    if not names:
-        raise SystemExit("no contender can run")
+    names, _ = harness.runnable(_parse_contenders(args.contenders), CONTENDERS)
     cfg = config_for_size(args.size_mb)
-    own_dir = args.dir is None
-    data_dir = Path(tempfile.mkdtemp(prefix=".ckpt-bench-", dir=REPO_ROOT)) if own_dir else args.dir
-    data_dir.mkdir(parents=True, exist_ok=True)
-    info = harness.machine_info(data_dir)
-    state = cfg.state_bytes()
-    header = (
-        f"state: {cfg.n_params() / 1e6:.1f}M params (vocab {cfg.vocab}, d {cfg.d_model}, "
-        f"{cfg.n_layer} layers) + AdamW = {state / MB:.0f} MB ({state / harness.MIB:.0f} MiB); "
-        f"rounds: {args.rounds}; page cache before load: {'dropped' if args.cold_cache else 'warm'}"
-        f"\nmachine: {info['cpu']}, {info['cores']} cores, {info['mem_gib']} GiB; "
-        f"torch {torch.__version__}; dir: {data_dir} on {info['filesystem']}"
-    )
-    _log(header)
-    results: list[dict[str, Any]] = []
-    try:
+    with harness.scratch_dir(args.dir, REPO_ROOT) as data_dir:
+        info = harness.machine_info(data_dir)
+        state = cfg.state_bytes()
+        header = (
+            f"state: {cfg.n_params() / 1e6:.1f}M params (vocab {cfg.vocab}, d {cfg.d_model}, "
+            f"{cfg.n_layer} layers) + AdamW = {state / MB:.0f} MB ({state / harness.MIB:.0f} "
+            f"MiB); rounds: {args.rounds}; page cache before load: "
+            f"{'dropped' if args.cold_cache else 'warm'}"
+            f"\nmachine: {info['cpu']}, {info['cores']} cores, {info['mem_gib']} GiB; "
+            f"torch {torch.__version__}; dir: {data_dir} on {info['filesystem']}"
+        )
+        _log(header)
+        results: list[dict[str, Any]] = []
         for rnd in range(1, args.rounds + 1):
             results.extend(run_round(rnd, names, data_dir, args))
-    finally:
-        if own_dir:
-            harness.remove_path(data_dir)
     rows = summarize(results, names)
     print(header.replace("\n", "  \n") + "\n")
     print(render_table(rows))
     if args.json:
         payload = {"config": vars(cfg), "machine": info, "summary": rows, "runs": results}
-        payload["args"] = {k: str(v) for k, v in vars(args).items()}
-        Path(args.json).write_text(json.dumps(payload, indent=1), encoding="utf-8")
+        harness.dump_json(args.json, payload, args)
     return 0
 
 

@@ -646,39 +646,23 @@ def orchestrate(args: argparse.Namespace) -> int:
     import torch
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per rank (torchrun's default)
-    names: list[str] = []
-    not_run: dict[str, str] = {}
-    for name in _parse_contenders(args.contenders):
-        reason = CONTENDERS[name]().unavailable()
-        if reason:
-            not_run[name] = reason
-            _log(f"not run: {name}: {reason}")
-        else:
-            names.append(name)
-    if not names:
-        raise SystemExit("no contender can run")
+    names, not_run = harness.runnable(_parse_contenders(args.contenders), CONTENDERS)
     cfg = config_for_size(args.size_mb)
-    own_dir = args.dir is None
-    data_dir = Path(tempfile.mkdtemp(prefix=".ckpt-bench-", dir=REPO_ROOT)) if own_dir else args.dir
-    data_dir.mkdir(parents=True, exist_ok=True)
-    info = harness.machine_info(data_dir)
-    state = cfg.state_bytes()
-    header = (
-        f"state: {N_LAYERS} x Linear({cfg.d}, {cfg.d}), {cfg.n_params() / 1e6:.1f}M params, "
-        f"fully_shard over {WORLD_SIZE} ranks (gloo, CPU) + AdamW = {state / MB:.0f} MB "
-        f"({state / harness.MIB:.0f} MiB), ~{state / WORLD_SIZE / harness.MIB:.0f} MiB per rank; "
-        f"rounds: {args.rounds}"
-        f"\nmachine: {info['cpu']}, {info['cores']} cores, {info['mem_gib']} GiB; "
-        f"torch {torch.__version__}; dir: {data_dir} on {info['filesystem']}"
-    )
-    _log(header)
-    results: list[dict[str, Any]] = []
-    try:
+    with harness.scratch_dir(args.dir, REPO_ROOT) as data_dir:
+        info = harness.machine_info(data_dir)
+        state = cfg.state_bytes()
+        header = (
+            f"state: {N_LAYERS} x Linear({cfg.d}, {cfg.d}), {cfg.n_params() / 1e6:.1f}M params, "
+            f"fully_shard over {WORLD_SIZE} ranks (gloo, CPU) + AdamW = {state / MB:.0f} MB "
+            f"({state / harness.MIB:.0f} MiB), ~{state / WORLD_SIZE / harness.MIB:.0f} MiB per "
+            f"rank; rounds: {args.rounds}"
+            f"\nmachine: {info['cpu']}, {info['cores']} cores, {info['mem_gib']} GiB; "
+            f"torch {torch.__version__}; dir: {data_dir} on {info['filesystem']}"
+        )
+        _log(header)
+        results: list[dict[str, Any]] = []
         for rnd in range(1, args.rounds + 1):
             results.extend(run_round(rnd, names, data_dir, args))
-    finally:
-        if own_dir:
-            harness.remove_path(data_dir)
     rows = summarize(results, names)
     print(header.replace("\n", "  \n") + "\n")
     print(render_table(rows))
@@ -694,9 +678,8 @@ def orchestrate(args: argparse.Namespace) -> int:
             "summary": rows,
             "runs": results,
             "not_run": not_run,
-            "args": {k: str(v) for k, v in vars(args).items()},
         }
-        Path(args.json).write_text(json.dumps(payload, indent=1), encoding="utf-8")
+        harness.dump_json(args.json, payload, args)
     return 0
 
 
@@ -738,6 +721,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.rank_worker:
         rank_worker(args)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Leave without interpreter teardown: torch's static destructors occasionally abort a
+        # rank after a clean run ("terminate called without an active exception").
+        os._exit(0)
     elif args.launch:
         return launch([a for a in argv if a != "--launch"])
     else:
