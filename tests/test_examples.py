@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.processes import finish, kill
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -49,7 +51,7 @@ def _torchrun(*args: str, nproc: int = 2, extra: tuple[str, ...] = ()) -> subpro
 
 
 def _finish(proc: subprocess.Popen[str]) -> str:
-    out, _ = proc.communicate(timeout=240)
+    out = finish(proc, timeout_s=240)
     assert proc.returncode == 0, out
     return out
 
@@ -78,7 +80,10 @@ def test_fsdp_example_two_nodes_then_resume_at_another_world_size(tmp_path: Path
     nodes = [
         _torchrun(script, "--dir", str(tmp_path), "--steps", "3", extra=rendezvous) for _ in "ab"
     ]
-    outputs = [_finish(node) for node in nodes]
+    try:
+        outputs = [_finish(node) for node in nodes]
+    finally:
+        kill(*nodes)
     assert any("saved step 3 at world size 4" in out for out in outputs)
     assert min(os.listdir(tmp_path / "sharded")) == ".metadata"
     resumed = _finish(_torchrun("--standalone", script, "--dir", str(tmp_path), "--steps", "1"))

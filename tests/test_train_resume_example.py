@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from tests.helpers.processes import finish, kill
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "examples" / "train_resume.py")
 TIMEOUT_S = 180
@@ -28,7 +30,7 @@ def _start(*args: str) -> subprocess.Popen[str]:
 
 
 def _finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
-    out, _ = proc.communicate(timeout=TIMEOUT_S)
+    out = finish(proc, TIMEOUT_S)
     return proc.returncode, out
 
 
@@ -37,12 +39,15 @@ def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(tmp_path: Pa
     resumed_out, reference_out = tmp_path / "resumed.bin", tmp_path / "reference.bin"
     killed = _start("--dir", str(run_dir), "--die-at-step", "17", "--async-save")
     reference = _start("--dir", str(ref_dir), "--weights-out", str(reference_out))
-    code, out = _finish(killed)
-    assert code == -signal.SIGKILL, out
-    assert "fresh run" in out
-    assert "dying at step 17" in out
-    code, ref_log = _finish(reference)
-    assert code == 0, ref_log
+    try:
+        code, out = _finish(killed)
+        assert code == -signal.SIGKILL, out
+        assert "fresh run" in out
+        assert "dying at step 17" in out
+        code, ref_log = _finish(reference)
+        assert code == 0, ref_log
+    finally:
+        kill(killed, reference)
 
     code, out = _finish(_start("--dir", str(run_dir), "--weights-out", str(resumed_out)))
     assert code == 0, out
