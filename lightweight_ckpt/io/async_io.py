@@ -2,8 +2,10 @@
 
 ``save_checkpoint`` copies every tensor of the checkpoint (CPU tensors too, so training may
 mutate them at once) into host buffers that are reused from save to save, then hands the copy
-to one worker thread that runs the wrapped IO's ordinary, atomic save. Copies from an
-accelerator go into pinned buffers, are issued non-blocking and synchronized once.
+to one worker thread that runs the wrapped IO's ordinary, atomic save. Copies from CUDA go
+into pinned buffers, are issued non-blocking on each device's current stream (so after the
+kernels that produced the values) and synchronized once per device; no GPU memory is used. A
+tensor under several keys (tied weights) is copied once and stays shared, as in ``torch.save``.
 
 - Back-pressure: at most ``max_pending`` saves in flight (default 1); the next save waits for a
   slot. Host memory is bounded by ``max_pending`` snapshots of the checkpoint.
@@ -16,8 +18,10 @@ accelerator go into pinned buffers, are issued non-blocking and synchronized onc
   the training loop's on the same process group): they wait for pending saves and then save
   synchronously.
 
-A thread, not a process: the write is file I/O and ``torch.save``'s C++ writer, which release
-the GIL, and a thread shares the snapshot without pickling it to another process.
+A thread, not a process: the write is file I/O, CRC32s and ``torch.save``'s C++ writer, which
+mostly release the GIL, and a thread shares the snapshot without pickling it to another process.
+``benchmarks/async_save.py`` measured a shared-memory writer process against this thread; it
+did not block the loop less (``benchmarks/README.md``, "Async saves").
 """
 
 from __future__ import annotations
@@ -49,21 +53,27 @@ class _Snapshot:
 
     def __init__(self) -> None:
         self._buffers: list[torch.Tensor] = []
+        self._layout: list[tuple[Any, ...]] = []
         self.future: Future[None] | None = None
 
     def copy(self, checkpoint: Checkpoint) -> Checkpoint:
         tensors: list[torch.Tensor] = []
         skeleton = _replace_tensors(checkpoint, tensors)
-        layout = [(t.shape, t.dtype, t.device.type != "cpu") for t in tensors]
-        if layout != [(b.shape, b.dtype, b.is_pinned()) for b in self._buffers]:
-            self._buffers = [_host_buffer(t) for t in tensors]
-        accelerated = False
-        for buffer, tensor in zip(self._buffers, tensors, strict=True):
-            accelerated |= tensor.device.type != "cpu"
-            buffer.copy_(tensor.detach(), non_blocking=tensor.device.type != "cpu")
-        if accelerated and torch.cuda.is_available():
-            torch.cuda.synchronize()
-        filled: Checkpoint = _fill_tensors(skeleton, iter(self._buffers))
+        sources, order = _unique(tensors)
+        layout = [(t.shape, t.dtype, t.is_cuda) for t in sources] + [tuple(order)]
+        if layout != self._layout:
+            self._buffers = [_host_buffer(t) for t in sources]
+            self._layout = layout
+        cuda_devices: set[torch.device] = set()
+        for buffer, tensor in zip(self._buffers, sources, strict=True):
+            if tensor.is_cuda:
+                cuda_devices.add(tensor.device)
+            # Pinned + non_blocking: the D2H copy is queued on the current stream, after the
+            # kernels that produced the values; other devices copy synchronously.
+            buffer.copy_(tensor.detach(), non_blocking=tensor.is_cuda)
+        for device in cuda_devices:
+            torch.cuda.current_stream(device).synchronize()  # once per device
+        filled: Checkpoint = _fill_tensors(skeleton, iter([self._buffers[i] for i in order]))
         return filled
 
     @property
@@ -71,9 +81,30 @@ class _Snapshot:
         return self.future is not None and not self.future.done()
 
 
+def _unique(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
+    """Return the distinct tensors and, per tensor, its index among them.
+
+    The same tensor under two keys (tied weights) gets one buffer, so the snapshot shares it
+    the way ``torch.save`` of the live state would.
+    """
+    index: dict[tuple[Any, ...], int] = {}
+    sources: list[torch.Tensor] = []
+    order: list[int] = []
+    for tensor in tensors:
+        if tensor.layout == torch.strided:
+            key: tuple[Any, ...] = (tensor.device, tensor.data_ptr(), tensor.dtype)
+            key += (tensor.shape, tensor.stride())
+        else:
+            key = (id(tensor),)
+        position = index.setdefault(key, len(sources))
+        if position == len(sources):
+            sources.append(tensor)
+        order.append(position)
+    return sources, order
+
+
 def _host_buffer(tensor: torch.Tensor) -> torch.Tensor:
-    pinned = tensor.device.type == "cuda"
-    return torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pinned)
+    return torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=tensor.is_cuda)
 
 
 class _Slot:

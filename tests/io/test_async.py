@@ -9,6 +9,7 @@ import sys
 import textwrap
 import threading
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -209,3 +210,150 @@ def _ddp_async(rank: int, world_size: int, directory: str) -> None:
 @pytest.mark.distributed
 def test_async_under_ddp(tmp_path: Path) -> None:
     run_distributed(_ddp_async, 2, tmp_path, args=(str(tmp_path),))
+
+
+class _RecordingIO(TorchCheckpointIO):
+    """Writes normally and remembers where each tensor it was handed lives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[dict[str, Any]] = []
+
+    def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+        weights = checkpoint["model"]
+        self.seen.append(
+            {
+                "ptr": weights["fc1.weight"].data_ptr(),
+                "device": weights["fc1.weight"].device.type,
+                "pinned": all(t.is_pinned() for t in weights.values()),
+            }
+        )
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+
+@pytest.mark.parametrize("max_pending", [1, 2])
+def test_steady_state_saves_reuse_the_host_buffers(tmp_path: Path, max_pending: int) -> None:
+    inner = _RecordingIO()
+    fabric = Fabric(checkpoint_io=AsyncCheckpointIO(inner, max_pending=max_pending))
+    state = make_state()
+    live = state["model"].fc1.weight.data_ptr()
+    for step in range(2 * max_pending + 1):
+        fabric.save(tmp_path / f"{step}.ckpt", state)
+    fabric.teardown()
+    ptrs = [seen["ptr"] for seen in inner.seen]
+    assert live not in ptrs  # a copy, not the live parameter
+    assert len(set(ptrs)) == max_pending  # one buffer set per slot, reused from then on
+    assert ptrs == [ptrs[i % max_pending] for i in range(len(ptrs))]
+    assert {seen["device"] for seen in inner.seen} == {"cpu"}
+
+
+class _Tied(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = torch.nn.Linear(4, 4)
+        self.decoder = torch.nn.Linear(4, 4)
+        self.decoder.weight = self.encoder.weight
+
+
+def test_tied_weights_stay_shared_in_the_snapshot(tmp_path: Path) -> None:
+    model = _Tied()
+    sync_path, async_path = tmp_path / "sync.ckpt", tmp_path / "async.ckpt"
+    Fabric().save(sync_path, {"model": model})
+    fabric = Fabric(checkpoint_io=AsyncCheckpointIO())
+    fabric.save(async_path, {"model": model})
+    fabric.save(async_path, {"model": model})  # reused buffers keep the sharing
+    fabric.teardown()
+    saved = torch.load(async_path, weights_only=True)["model"]
+    encoder, decoder = saved["encoder.weight"], saved["decoder.weight"]
+    assert encoder.untyped_storage().data_ptr() == decoder.untyped_storage().data_ptr()
+    assert_states_equal(saved, model.state_dict())
+    assert _storage_records(async_path) == _storage_records(sync_path) == 3  # weight, 2 biases
+
+
+def _storage_records(path: Path) -> int:
+    with zipfile.ZipFile(path) as archive:
+        return sum("/data/" in name and not name.endswith("/") for name in archive.namelist())
+
+
+def test_views_of_one_tensor_are_copied_separately(tmp_path: Path) -> None:
+    base = torch.arange(12.0)
+    checkpoint = {"whole": base, "head": base[:4], "strided": base[::3]}
+    fabric = Fabric(checkpoint_io=AsyncCheckpointIO())
+    fabric.save(tmp_path / "a.ckpt", checkpoint)
+    base.add_(100.0)
+    fabric.teardown()
+    saved = torch.load(tmp_path / "a.ckpt", weights_only=True)
+    assert_states_differ(saved["whole"], base)
+    assert torch.equal(saved["whole"], torch.arange(12.0))
+    assert torch.equal(saved["head"], torch.arange(4.0))
+    assert torch.equal(saved["strided"], torch.arange(0.0, 12.0, 3.0))
+
+
+# -- CUDA: pinned buffers, non-blocking copies, one synchronize; skipped without a GPU --------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _cuda_state() -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = Tiny(width=64).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train_steps(model, optimizer, 2)
+    return {"model": model, "optimizer": optimizer, "cpu_extra": torch.randn(5), "step": 2}
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_mutating_right_after_save_does_not_reach_the_checkpoint(tmp_path: Path) -> None:
+    fabric = Fabric(checkpoint_io=AsyncCheckpointIO())
+    state = _cuda_state()
+    for step in range(3):
+        expected = {k: snapshot(v) for k, v in state.items()}
+        path = tmp_path / f"step{step}.ckpt"
+        fabric.save(path, state)
+        with torch.no_grad():  # queued on the current stream right after the copies
+            for param in state["model"].parameters():
+                param.mul_(-3.0).add_(1.0)
+            for entry in state["optimizer"].state.values():
+                for value in entry.values():
+                    value.add_(1.0)
+        state["cpu_extra"].add_(1.0)
+        fabric.wait()
+        saved = torch.load(path, weights_only=True)
+        assert_states_equal(saved["model"], expected["model"])
+        assert_states_equal(saved["optimizer"], expected["optimizer"])
+        assert_states_equal(saved["cpu_extra"], expected["cpu_extra"])
+        assert_states_differ(state["model"], expected["model"])
+    fabric.teardown()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_snapshot_is_pinned_reused_and_takes_no_gpu_memory(tmp_path: Path) -> None:
+    inner = _RecordingIO()
+    fabric = Fabric(checkpoint_io=AsyncCheckpointIO(inner))
+    state = _cuda_state()
+    fabric.save(tmp_path / "warm.ckpt", state)
+    fabric.wait()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    for step in range(2):
+        fabric.save(tmp_path / f"{step}.ckpt", state)
+    fabric.teardown()
+    assert torch.cuda.max_memory_allocated() == before  # no GPU-side clone
+    assert all(seen["pinned"] and seen["device"] == "cpu" for seen in inner.seen)
+    assert len({seen["ptr"] for seen in inner.seen}) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_tensors_on_two_devices_are_all_synchronized(tmp_path: Path) -> None:
+    tensors = {f"d{i}": torch.randn(1 << 20, device=f"cuda:{i}") for i in range(2)}
+    expected = snapshot(tensors)
+    fabric = Fabric(checkpoint_io=AsyncCheckpointIO())
+    fabric.save(tmp_path / "a.ckpt", tensors)
+    for tensor in tensors.values():
+        tensor.zero_()
+    fabric.teardown()
+    assert_states_equal(torch.load(tmp_path / "a.ckpt", weights_only=True), expected)
