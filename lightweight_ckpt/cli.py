@@ -12,7 +12,21 @@ one process, with no process group. Tensors are read one at a time right before 
 written and freed after, so memory stays near the largest tensor, not the checkpoint. SRC and
 DST may be local paths or fsspec URLs; DST is written atomically.
 
+``convert SRC DST.safetensors`` (and ``convert SRC.safetensors DST``): tensors to safetensors,
+tied tensors stored once, plain values and structure in its metadata; streamed and atomic (see
+``lightweight_ckpt.convert``).
+
+``diff A B``: the entries added, removed, or with another type, dtype, shape or value (count and
+largest absolute difference), compared tensor by tensor (see ``lightweight_ckpt.diff``).
+Exit codes as ``diff(1)``: 0 equal, 1 different, 2 an error.
+
+``gc DIR``: list the leftovers of killed saves under DIR older than ``--older-than`` seconds
+(temp files, unreferenced sharded versions; ``lightweight_ckpt.manager.orphans``); ``--delete``
+removes them.
+
 Every command takes ``--storage-option KEY=VALUE`` (repeatable) and prints JSON with ``--json``.
+Long operations (consolidate, convert, verify, diff) show a progress bar on stderr when it is a
+terminal and tqdm is installed (``lightweight-ckpt[progress]``); ``--quiet`` turns it off.
 Exit codes: 0 done, 1 a checkpoint error or damage found (message on stderr), 2 bad usage.
 """
 
@@ -27,8 +41,13 @@ from typing import Any
 
 import torch
 
+from lightweight_ckpt.convert import convert
+from lightweight_ckpt.diff import DiffReport, diff_checkpoints
+from lightweight_ckpt.entries import verify_file_records
 from lightweight_ckpt.errors import CheckpointError
-from lightweight_ckpt.formats import dcp_dir, torch_file, zip_records
+from lightweight_ckpt.formats import dcp_dir, torch_file
+from lightweight_ckpt.manager.orphans import DEFAULT_OLDER_THAN_S, find_orphans, remove_orphans
+from lightweight_ckpt.progress import progress_bar, wants_progress
 from lightweight_ckpt.storage import open_source, resolve, staged_write
 
 log = logging.getLogger("lightweight_ckpt")
@@ -50,8 +69,12 @@ def consolidate(
     src_options: dict[str, Any] | None = None,
     dst_options: dict[str, Any] | None = None,
     weights_only: bool = True,
+    *,
+    progress: bool = False,
 ) -> int:
     """Write the sharded checkpoint at ``src`` as one file at ``dst``; return the bytes written.
+
+    ``progress`` shows a bar on stderr (needs tqdm).
 
     Raises:
         CheckpointError: ``src`` is not a committed sharded checkpoint, or writing ``dst`` failed.
@@ -63,15 +86,19 @@ def consolidate(
     dcp_dir.read_values(source, src_options, metadata, tree, weights_only=weights_only)
     by_storage = {t.untyped_storage().data_ptr(): n for n, t in tensors.items() if t.numel()}
 
-    def fill(storage: torch.UntypedStorage) -> None:
-        name = by_storage.get(storage.data_ptr())
-        if name is not None:
-            dcp_dir.read_items(source, src_options, {name: tensors[name]}, weights_only)
-
+    total = sum(tensors[n].untyped_storage().nbytes() for n in by_storage.values())
     start = time.perf_counter()
-    with staged_write(resolve(dst, dst_options)) as sink:
-        torch_file.write_streamed(tree, fill, sink)
-        nbytes = sink.tell()
+    with progress_bar(total, "consolidate", progress) as advance:
+
+        def fill(storage: torch.UntypedStorage) -> None:
+            name = by_storage.get(storage.data_ptr())
+            if name is not None:
+                dcp_dir.read_items(source, src_options, {name: tensors[name]}, weights_only)
+                advance(storage.nbytes())
+
+        with staged_write(resolve(dst, dst_options)) as sink:
+            torch_file.write_streamed(tree, fill, sink)
+            nbytes = sink.tell()
     log.info(
         "consolidated %s -> %s: %d bytes in %.2f s", src, dst, nbytes, time.perf_counter() - start
     )
@@ -148,8 +175,13 @@ def inspect_checkpoint(path: str, options: dict[str, Any] | None = None) -> dict
     }
 
 
-def verify_checkpoint(path: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Check a checkpoint's integrity; return ``{"ok": bool, "checked": n, "problems": [...]}``."""
+def verify_checkpoint(
+    path: str, options: dict[str, Any] | None = None, progress: bool = False
+) -> dict[str, Any]:
+    """Check a checkpoint's integrity; return ``{"ok": bool, "checked": n, "problems": [...]}``.
+
+    ``progress`` shows a bar on stderr while a single file's records are checked (needs tqdm).
+    """
     location = resolve(path, options)
     if dcp_dir.is_sharded(location):
         problems = dcp_dir.check_pieces(location, options)
@@ -158,7 +190,8 @@ def verify_checkpoint(path: str, options: dict[str, Any] | None = None) -> dict[
     else:
         source = open_source(location)
         try:
-            results = zip_records.verify_records(source)
+            with progress_bar(source.size, "verify", progress) as advance:
+                results = verify_file_records(source, advance)
         finally:
             source.close()
         problems = [f"{record.name}: {problem}" for record, problem in results if problem]
@@ -213,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument("path", help="checkpoint file or sharded directory (path or URL)")
         command.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
         command.add_argument("--json", action="store_true", help="print JSON for scripts")
+    for command in (cons, commands.choices["verify"]):
+        command.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_tool_commands(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = _options(args.storage_option)
@@ -224,9 +260,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, options: dict[str, Any]) -> int:
+    if args.command in _TOOLS:
+        return _TOOLS[args.command](args, options)
     if args.command == "consolidate":
         nbytes = consolidate(
-            args.src, args.dst, options, options, weights_only=not args.unsafe_pickle
+            args.src,
+            args.dst,
+            options,
+            options,
+            weights_only=not args.unsafe_pickle,
+            progress=wants_progress(args.quiet),
         )
         print(f"wrote {args.dst} ({nbytes:,} bytes)")  # noqa: T201
         return 0
@@ -237,7 +280,7 @@ def _run(args: argparse.Namespace, options: dict[str, Any]) -> int:
         else:
             _print_inspect(report)
         return 0
-    result = verify_checkpoint(args.path, options)
+    result = verify_checkpoint(args.path, options, progress=wants_progress(args.quiet))
     if args.json:
         print(json.dumps(result, indent=2))  # noqa: T201
     else:
@@ -246,3 +289,125 @@ def _run(args: argparse.Namespace, options: dict[str, Any]) -> int:
         verdict = "ok" if result["ok"] else f"{len(result['problems'])} damaged"
         print(f"{args.path}: {verdict} ({result['checked']} checked; {result['what']})")  # noqa: T201
     return 0 if result["ok"] else 1
+
+
+# -- convert, diff, gc: the logic lives in their modules; here are arguments and printing ------
+
+
+def _add_tool_commands(commands: Any) -> None:
+    conv = commands.add_parser("convert", help="checkpoint -> .safetensors, or .safetensors back")
+    conv.add_argument("src", help="checkpoint file, sharded directory or .safetensors file")
+    conv.add_argument("dst", help="DST.safetensors, or a checkpoint file when SRC is safetensors")
+    conv.add_argument("--select", metavar="KEY", help="convert only this entry (e.g. model)")
+    conv.add_argument("--unsafe-pickle", action="store_true", help="weights_only=False for SRC")
+    differ = commands.add_parser("diff", help="which entries of two checkpoints differ")
+    differ.add_argument("a", help="checkpoint A (file, sharded directory or safetensors)")
+    differ.add_argument("b", help="checkpoint B")
+    differ.add_argument("--atol", type=float, default=0.0, help="ignore differences up to this")
+    differ.add_argument("--unsafe-pickle", action="store_true", help="weights_only=False")
+    gc = commands.add_parser("gc", help="list (or --delete) leftovers of killed saves")
+    gc.add_argument("path", help="a run or checkpoint directory (path or URL)")
+    gc.add_argument(
+        "--older-than",
+        type=float,
+        default=DEFAULT_OLDER_THAN_S,
+        metavar="SECONDS",
+        help="only leftovers untouched this long (default 3600: a running save is younger)",
+    )
+    gc.add_argument("--delete", action="store_true", help="remove them (default: only list)")
+    for command in (conv, differ, gc):
+        command.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+        command.add_argument("--json", action="store_true", help="print JSON for scripts")
+    for command in (conv, differ):
+        command.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_convert(args: argparse.Namespace, options: dict[str, Any]) -> int:
+    try:
+        report = convert(
+            args.src,
+            args.dst,
+            options,
+            options,
+            select_key=args.select,
+            weights_only=not args.unsafe_pickle,
+            progress=wants_progress(args.quiet),
+        )
+    except ValueError as err:
+        if isinstance(err, CheckpointError):
+            raise
+        print(f"error: {err}", file=sys.stderr)  # noqa: T201
+        return 2
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))  # noqa: T201
+        return 0
+    for name, why in report.dropped.items():
+        print(f"left out {name}: {why}", file=sys.stderr)  # noqa: T201
+    for alias, name in report.aliases.items():
+        print(f"tied: {alias} -> {name} (stored once)")  # noqa: T201
+    for view in report.copied_views:
+        print(f"copied: {view}")  # noqa: T201
+    print(f"wrote {args.dst} ({report.tensors} tensors, {report.nbytes:,} bytes)")  # noqa: T201
+    return 0
+
+
+def _run_diff(args: argparse.Namespace, options: dict[str, Any]) -> int:
+    try:
+        report = diff_checkpoints(
+            args.a,
+            args.b,
+            options,
+            options,
+            atol=args.atol,
+            weights_only=not args.unsafe_pickle,
+            progress=wants_progress(args.quiet),
+        )
+    except (CheckpointError, ValueError) as err:  # diff(1): trouble is 2, "different" is 1
+        print(f"error: {err}", file=sys.stderr)  # noqa: T201
+        return 2
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))  # noqa: T201
+    else:
+        _print_diff(report)
+    return 0 if report.equal else 1
+
+
+def _print_diff(report: DiffReport) -> None:
+    marks = {"removed": "-", "added": "+"}
+    for d in report.differences:
+        if d.kind == "removed":
+            detail = d.a
+        elif d.kind == "added":
+            detail = d.b
+        elif d.changed is not None:
+            detail = f"{d.changed} elements differ, max abs diff {d.max_abs_diff:g} ({d.a})"
+        else:
+            detail = f"{d.a} -> {d.b}"
+        print(f"{marks.get(d.kind, '~')} {d.kind:<8} {d.name}: {detail}")  # noqa: T201
+    verdict = "equal" if report.equal else f"{len(report.differences)} differ"
+    print(f"{report.a} vs {report.b}: {report.compared} entries, {verdict}")  # noqa: T201
+
+
+def _run_gc(args: argparse.Namespace, options: dict[str, Any]) -> int:
+    try:
+        orphans = find_orphans(args.path, options, older_than_s=args.older_than)
+    except ValueError as err:
+        if isinstance(err, CheckpointError):
+            raise
+        print(f"error: {err}", file=sys.stderr)  # noqa: T201
+        return 2
+    removed = remove_orphans(orphans, options) if args.delete else []
+    if args.json:
+        rows = [o.to_json() for o in orphans]
+        print(json.dumps({"path": args.path, "orphans": rows, "removed": removed}, indent=2))  # noqa: T201
+        return 0
+    for orphan in orphans:
+        action = "removed" if args.delete else "would remove"
+        age = f"{orphan.age_s / 3600:.1f} h old"
+        print(f"{action} {orphan.kind} {orphan.path} ({_human(orphan.nbytes)}, {age})")  # noqa: T201
+    hint = "" if args.delete or not orphans else "; pass --delete to remove them"
+    print(f"{args.path}: {len(orphans)} leftovers of killed saves{hint}")  # noqa: T201
+    return 0
+
+
+_TOOLS = {"convert": _run_convert, "diff": _run_diff, "gc": _run_gc}

@@ -155,3 +155,57 @@ def test_inspect_and_verify_a_sharded_checkpoint(tmp_path: Path) -> None:
     truncated = _cli("verify", str(tmp_path / "sharded"))
     assert truncated.returncode == 1
     assert "__0_0.distcp: truncated" in truncated.stderr
+
+
+def _on_a_terminal(*args: str) -> str:
+    """Run the CLI with stderr on a pseudo-terminal; return what the terminal showed."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+    import threading
+
+    main_fd, terminal_fd = pty.openpty()
+    # a fresh pty is 0 columns wide, where tqdm draws nothing; a real terminal has a width
+    fcntl.ioctl(terminal_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    shown: list[bytes] = []
+
+    def drain() -> None:  # read while it runs: a full pty buffer would block the command
+        while True:
+            try:
+                chunk = os.read(main_fd, 65536)
+            except OSError:  # EIO: the terminal side is closed
+                return
+            if not chunk:
+                return
+            shown.append(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "lightweight_ckpt", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=terminal_fd,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(terminal_fd)
+        reader.join(timeout=10)
+        os.close(main_fd)
+    assert result.returncode == 0
+    return b"".join(shown).decode(errors="replace")
+
+
+def test_progress_bars_on_a_terminal_only(tmp_path: Path) -> None:
+    Fabric().save(tmp_path / "a.ckpt", {"w": torch.randn(1000)})
+    assert "verify:" in _on_a_terminal("verify", str(tmp_path / "a.ckpt"))
+    assert "verify:" not in _on_a_terminal("verify", str(tmp_path / "a.ckpt"), "--quiet")
+    assert "verify:" not in _cli("verify", str(tmp_path / "a.ckpt")).stderr  # not a terminal
+    dst = str(tmp_path / "a.safetensors")
+    assert "convert:" in _on_a_terminal("convert", str(tmp_path / "a.ckpt"), dst)
+    _sharded_checkpoint(tmp_path / "sharded")
+    shown = _on_a_terminal("consolidate", str(tmp_path / "sharded"), str(tmp_path / "f.pt"))
+    assert "consolidate:" in shown
