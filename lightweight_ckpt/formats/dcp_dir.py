@@ -22,18 +22,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+import os
 import pickle
 import posixpath
 import uuid
 import warnings
-from typing import TYPE_CHECKING, Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import torch
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.filesystem import FileSystemReader, _StoragePrefix
+from torch.distributed.checkpoint.filesystem import (
+    CURRENT_DCP_VERSION,
+    FileSystemReader,
+    _StoragePrefix,
+)
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     Metadata,
@@ -44,6 +51,7 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
+from lightweight_ckpt.config import settings
 from lightweight_ckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -53,15 +61,20 @@ from lightweight_ckpt.errors import (
     StateMismatchError,
     UnsafeCheckpointError,
 )
+from lightweight_ckpt.formats import dcp_checksums
 from lightweight_ckpt.storage import Location, resolve, staged_write
 
 if TYPE_CHECKING:
     import io
     from collections.abc import Iterator
 
-    from torch.distributed.checkpoint.planner import ReadItem, SavePlan
+    from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan, SavePlanner
+    from torch.distributed.checkpoint.storage import WriteResult
+    from torch.futures import Future
 
     from lightweight_ckpt.types import StorageOptions
+
+log = logging.getLogger("lightweight_ckpt")
 
 METADATA = ".metadata"
 VERSION_PREFIX = "v-"
@@ -92,13 +105,20 @@ def is_sharded(location: Location) -> bool:
 
 
 class _VersionedWriter(FsspecWriter):
-    """DCP's fsspec writer, with pieces in ``<version>/`` and ``.metadata`` committed last."""
+    """DCP's fsspec writer: pieces in ``<version>/`` with checksum records, ``.metadata`` last."""
 
     def __init__(self, url: str, version: str, storage_options: StorageOptions | None) -> None:
-        super().__init__(url, sync_files=True, overwrite=True, **dict(storage_options or {}))
+        # sync_files=False: write_records makes pieces and records durable together, one fsync
+        # each; DCP's own would fsync a piece before its record exists (a second journal commit)
+        super().__init__(url, sync_files=False, overwrite=True, **dict(storage_options or {}))
         self._url = url
         self._version = version
         self._storage_options = storage_options
+        self.fs: Any = dcp_checksums.ChecksumRecorder(self.fs)
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        """Skip DCP's mkdir and ``.metadata`` probe: ``prepare`` made the version folder."""
+        return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         """Name every rank's pieces ``<version>/__<rank>_<n>.distcp``."""
@@ -107,21 +127,28 @@ class _VersionedWriter(FsspecWriter):
             for i, plan in enumerate(plans)
         ]
 
-    def finish(self, metadata: Metadata, results: list[Any]) -> None:
-        """Write ``.metadata`` into the version folder, then publish it atomically (rank 0)."""
-        final: Any = self.path
-        self.path = self.fs.concat_path(final, self._version)
-        try:
-            super().finish(metadata, results)
-        finally:
-            self.path = final
-        staged = resolve(posixpath.join(self._url, self._version, METADATA), self._storage_options)
-        data = staged.fs.cat_file(staged.path)
-        with staged_write(
-            resolve(posixpath.join(self._url, METADATA), self._storage_options)
-        ) as sink:
-            sink.write(data)
-        staged.fs.rm(staged.path)
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        """Write this rank's pieces and their checksum records, durably (before any commit)."""
+        written = super().write_data(plan, planner)
+        dcp_checksums.write_records(self.fs, self.path, written.wait())
+        return written
+
+    def storage_meta(self) -> StorageMeta | None:
+        """Mark the checkpoint as checksummed (a missing record is then damage)."""
+        return StorageMeta(
+            checkpoint_id=self.checkpoint_id,
+            save_id=self.save_id,
+            modules=[dcp_checksums.MARKER],
+        )
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        """Publish ``.metadata`` atomically, in one staged write (rank 0)."""
+        metadata.version = CURRENT_DCP_VERSION
+        metadata.storage_data = {r.index: r.storage_data for rank in results for r in rank}
+        metadata.storage_meta = self.storage_meta()
+        target = resolve(posixpath.join(self._url, METADATA), self._storage_options)
+        with staged_write(target) as sink:
+            pickle.dump(metadata, cast("IO[bytes]", sink), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def prepare(location: Location, version: str) -> None:
@@ -147,11 +174,29 @@ def write(
 
 
 def remove_stale_versions(location: Location, keep: str) -> None:
-    """Delete version folders other than ``keep`` (after the commit; rank 0 only)."""
-    for entry in location.fs.ls(location.path, detail=False):
-        name = posixpath.basename(entry.rstrip("/"))
-        if name.startswith(VERSION_PREFIX) and name != keep:
-            location.fs.rm(entry, recursive=True)
+    """Delete version folders other than ``keep`` (after the commit; rank 0 only).
+
+    On local disk the files go in parallel: unlinking a large piece drops its cached pages, and
+    one rank doing every rank's share alone was the slowest step of an overwrite.
+    """
+    stale = [
+        entry
+        for entry in location.fs.ls(location.path, detail=False)
+        if posixpath.basename(entry.rstrip("/")).startswith(VERSION_PREFIX)
+        and posixpath.basename(entry.rstrip("/")) != keep
+    ]
+    if not stale:
+        return
+    if location.is_local:
+        files = [file for folder in stale for file in location.fs.find(folder)]
+        with ThreadPoolExecutor(max(1, min(len(files), settings().io_threads))) as pool:
+            list(pool.map(_unlink, files))
+    location.fs.rm(stale, recursive=True)
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -176,33 +221,70 @@ _METADATA_GLOBALS = {
 }
 
 
-class _SafeMetadata:
-    """Reader mixin: ``.metadata`` goes through ``_MetadataUnpickler``, never plain pickle."""
+class _SafeReader(FileSystemReader):
+    """DCP's reader, made safe: allowlisted metadata, items checked before they are read.
+
+    ``.metadata`` goes through ``_MetadataUnpickler``, never plain pickle, and every stored item
+    this rank reads is checked against its CRC32 before any is read.
+    """
+
+    location: Location
+    _checksummed = False
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        reader: Any = self
-        path = reader._get_metadata_path(kwargs.get("rank"))
-        with reader.fs.create_stream(path, "rb") as stream:
+        """Read ``.metadata`` through the allowlist."""
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as stream:
             metadata: Metadata = _MetadataUnpickler(stream).load()
         storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
-        storage_meta.load_id = reader.load_id
+        storage_meta.load_id = self.load_id
         metadata.storage_meta = storage_meta
         return metadata
 
+    def set_up_storage_reader(
+        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
+    ) -> None:
+        """Note whether the checkpoint carries checksum records."""
+        super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
+        self._checksummed = dcp_checksums.is_checksummed(metadata)
+        if not self._checksummed and is_coordinator:
+            log.warning(
+                "%s: written without checksum records (before lightweight_ckpt added them); "
+                "its pieces load unverified",
+                self.location.url,
+            )
 
-class _SafeFileSystemReader(_SafeMetadata, FileSystemReader):
-    """DCP's local file reader with safe metadata."""
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        """Verify the CRC32 of every stored item this rank will read.
+
+        DCP gathers this step's failures from every rank before any rank reads data, so a
+        damaged item fails the load on every rank with nothing changed.
+        """
+        if self._checksummed:
+            items = [
+                (item.storage_index, self.storage_data[item.storage_index]) for item in plan.items
+            ]
+            dcp_checksums.verify_items(self.location, items)
+        return plan
 
 
-class _SafeFsspecReader(_SafeMetadata, FsspecReader):
-    """DCP's fsspec reader with safe metadata."""
+class _SafeFileSystemReader(_SafeReader):
+    """DCP's local file reader, made safe."""
+
+
+class _SafeFsspecReader(_SafeReader, FsspecReader):
+    """DCP's fsspec reader, made safe."""
 
 
 def _reader(location: Location, storage_options: Any) -> FileSystemReader:
     """DCP's plain file reader on local disk (no fsspec layer), its fsspec reader elsewhere."""
+    reader: _SafeReader
     if location.is_local:
-        return _SafeFileSystemReader(location.path)
-    return _SafeFsspecReader(location.url, **dict(storage_options or {}))
+        reader = _SafeFileSystemReader(location.path)
+    else:
+        reader = _SafeFsspecReader(location.url, **dict(storage_options or {}))
+    reader.location = location
+    return reader
 
 
 def _translate(url: str, err: CheckpointException, writing: bool) -> Exception:
@@ -402,3 +484,23 @@ def require_pieces(location: Location, storage_options: Any, metadata: Metadata)
             f"{location.url}: damaged sharded checkpoint: {'; '.join(problems)}. "
             "Load an earlier checkpoint."
         )
+
+
+def verify(location: Location, storage_options: Any) -> tuple[list[str], int, str]:
+    """Check every piece of a committed checkpoint: sizes, then every stored item's CRC32.
+
+    Returns ``(problems, stored items checked, what was checked)``.
+    """
+    metadata = read_metadata(location, storage_options)
+    problems = check_pieces(location, storage_options, metadata)
+    checked = len(metadata.storage_data or {})
+    if not dcp_checksums.is_checksummed(metadata):
+        return problems, checked, "sharded: metadata and piece sizes (no checksum records)"
+    damaged = {problem.split(":", 1)[0] for problem in problems}
+    stored = {
+        index: info
+        for index, info in (metadata.storage_data or {}).items()
+        if info.relative_path not in damaged
+    }
+    problems += dcp_checksums.check_all(location, stored)
+    return problems, checked, "sharded: metadata, piece sizes and every stored item's CRC32"

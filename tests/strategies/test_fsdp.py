@@ -100,7 +100,12 @@ def test_sharded_round_trip_and_plain_reload(tmp_path: Path, kind: str) -> None:
     entries = sorted(os.listdir(path))
     assert entries[0] == ".metadata"
     assert len(entries) == 2
-    assert sorted(os.listdir(path / entries[1])) == ["__0_0.distcp", "__1_0.distcp"]
+    assert sorted(os.listdir(path / entries[1])) == [
+        "__0_0.distcp",
+        "__0_0.distcp.crc32",
+        "__1_0.distcp",
+        "__1_0.distcp.crc32",
+    ]
     # stock DCP tooling reads it
     dcp_to_torch_save(path, tmp_path / "converted.pt")
     converted = torch.load(tmp_path / "converted.pt", weights_only=False)

@@ -192,7 +192,10 @@ def _check_layout(kind: str, directory: Path, world_size: int) -> None:
     assert len(versions) == 1
     assert entries == [".metadata", versions[0]]
     pieces = sorted(os.listdir(path / versions[0]))
-    assert pieces == sorted(f"__{rank}_0.distcp" for rank in range(world_size))
+    names = [
+        f"__{rank}_0.distcp{suffix}" for rank in range(world_size) for suffix in ("", ".crc32")
+    ]
+    assert pieces == sorted(names)  # one piece per rank, each with its checksum record
 
 
 @pytest.mark.distributed
