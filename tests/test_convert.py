@@ -231,3 +231,42 @@ def test_memory_stays_near_the_largest_tensor(tmp_path: Path) -> None:
     whole_mb = tensors * tensor_mb  # 192 MiB; one tensor is 24 MiB
     assert to_st < whole_mb / 2, f"to safetensors: peak grew {to_st:.0f} MiB"
     assert back < whole_mb / 2, f"from safetensors: peak grew {back:.0f} MiB"
+
+
+def test_a_failure_mid_write_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightweight_ckpt.entries import OpenCheckpoint
+
+    Fabric().save(tmp_path / "a.ckpt", {"a": torch.ones(10), "b": torch.zeros(10)})
+    convert(str(tmp_path / "a.ckpt"), str(tmp_path / "a.safetensors"))
+    before = (tmp_path / "a.safetensors").read_bytes()
+    real = OpenCheckpoint.load
+    loads: list[int] = []
+
+    def dies_on_the_second(self: OpenCheckpoint, tensor: torch.Tensor) -> torch.Tensor:
+        loads.append(1)
+        if len(loads) == 2:
+            raise OSError("the source went away")
+        return real(self, tensor)
+
+    monkeypatch.setattr(OpenCheckpoint, "load", dies_on_the_second)
+    with pytest.raises(OSError, match="the source went away"):
+        convert(str(tmp_path / "a.ckpt"), str(tmp_path / "a.safetensors"))
+    loads.clear()
+    with pytest.raises(OSError, match="the source went away"):
+        convert(str(tmp_path / "a.ckpt"), str(tmp_path / "new.safetensors"))
+    assert (tmp_path / "a.safetensors").read_bytes() == before  # the old output is intact
+    assert not (tmp_path / "new.safetensors").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_a_damaged_sharded_checkpoint_fails_before_writing(tmp_path: Path) -> None:
+    sharded(tmp_path / "sharded", tensors=2, numel=1000)
+    piece = tmp_path / "sharded" / "v-test" / "__0_0.distcp"
+    piece.write_bytes(piece.read_bytes()[:100])
+    with pytest.raises(CorruptCheckpointError, match="truncated") as caught:
+        convert(str(tmp_path / "sharded"), str(tmp_path / "s.safetensors"))
+    assert str(tmp_path / "sharded") in str(caught.value)
+    assert not (tmp_path / "s.safetensors").exists()
+    assert leftovers(tmp_path) == []

@@ -784,3 +784,59 @@ def _ddp_body(rank: int, world_size: int, directory: str) -> None:
 @pytest.mark.distributed
 def test_ddp_ranks_agree_on_when_to_save_and_rank_0_keeps_the_books(tmp_path: Path) -> None:
     run_distributed(_ddp_body, 2, tmp_path, args=(str(tmp_path / "run"),))
+
+
+# -- leftovers of killed saves ---------------------------------------------------------------
+
+
+def _leftover(directory: Path, name: str, age_s: float) -> Path:
+    """A staged temp file as a killed save leaves it, last touched ``age_s`` ago."""
+    temp = directory / f".{name}.tmp-{os.urandom(6).hex()}"
+    temp.write_bytes(b"half a checkpoint")
+    then = time.time() - age_s
+    os.utime(temp, (then, then))
+    return temp
+
+
+def test_remove_orphans_spares_young_leftovers_and_checkpoints(tmp_path: Path) -> None:
+    directory = tmp_path / "run"
+    with CheckpointManager(Fabric(), directory, filename="{step}", every_n_steps=1) as manager:
+        manager.maybe_save(filled_state(1.0, 1), step=1)
+        manager.wait()
+        old = _leftover(directory, "step=2.ckpt", age_s=7200)
+        young = _leftover(directory, "step=3.ckpt", age_s=10)  # a save may be writing it
+        listed = manager.remove_orphans(dry_run=True)
+        assert [(o.path, o.kind) for o in listed] == [(f"{directory}/{old.name}", "temp file")]
+        assert old.exists()
+        assert [o.path for o in manager.remove_orphans()] == [f"{directory}/{old.name}"]
+        assert not old.exists()
+        assert young.exists()
+        assert [o.path for o in manager.remove_orphans(older_than_s=0)] == [
+            f"{directory}/{young.name}"
+        ]
+        with pytest.raises(ValueError, match="older_than_s"):
+            manager.remove_orphans(older_than_s=-1)
+    assert names(directory) == {"step=1.ckpt", MANIFEST_NAME, POINTER_NAME}
+    state = filled_state(0.0)
+    with CheckpointManager(Fabric(), directory, filename="{step}", every_n_steps=1) as again:
+        assert again.resume(state) is not None
+    assert weight_value(state) == 1.0
+
+
+def _orphans_body(rank: int, world_size: int, directory: str) -> None:
+    fabric = Fabric()
+    with CheckpointManager(fabric, directory, filename="{step}", every_n_steps=1) as manager:
+        manager.maybe_save(filled_state(1.0, 1), step=1)
+        if rank == 0:
+            _leftover(Path(directory), "step=9.ckpt", age_s=7200)
+        torch.distributed.barrier()
+        removed = manager.remove_orphans()
+        assert [Path(o.path).name.startswith(".step=9.ckpt.tmp-") for o in removed] == [True]
+    torch.distributed.barrier()
+    assert names(Path(directory)) == {"step=1.ckpt", MANIFEST_NAME, POINTER_NAME}
+    assert not [n for n in os.listdir(directory) if n.startswith(".step=9")]
+
+
+@pytest.mark.distributed
+def test_remove_orphans_under_ddp_rank_0_removes_every_rank_learns(tmp_path: Path) -> None:
+    run_distributed(_orphans_body, 2, tmp_path, args=(str(tmp_path / "run"),))

@@ -45,11 +45,14 @@ Where each part lives:
 - ``recorder``: ``Recorder``, a save's life from ``fabric.save`` to recorded, and the deletion
   thread.
 - ``resume``: trying the recorded checkpoints newest first; ``ResumeResult``.
+- ``orphans``: leftovers of killed saves (temp files, unreferenced sharded versions), found by
+  age; ``CheckpointManager.remove_orphans`` and the ``gc`` command use it.
 """
 
 from lightweight_ckpt.manager.checks import check_plain, plain_metrics
 from lightweight_ckpt.manager.core import CheckpointManager
 from lightweight_ckpt.manager.manifest import MANIFEST_NAME, POINTER_NAME
+from lightweight_ckpt.manager.orphans import Orphan, find_orphans, remove_orphans
 from lightweight_ckpt.manager.policy import (
     METADATA_KEY,
     SUFFIX,
@@ -74,15 +77,18 @@ __all__ = [
     "CheckpointEvent",
     "CheckpointManager",
     "CheckpointRecord",
+    "Orphan",
     "ResumeResult",
     "RetentionPolicy",
     "SaveSchedule",
     "check_plain",
     "default_template",
     "expand_template",
+    "find_orphans",
     "format_name",
     "plain_metrics",
     "rank_by_score",
+    "remove_orphans",
     "select_kept",
     "template_fields",
 ]

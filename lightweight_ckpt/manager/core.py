@@ -24,6 +24,12 @@ from lightweight_ckpt.manager.checks import (
     select_entries,
 )
 from lightweight_ckpt.manager.manifest import MANIFEST_NAME, POINTER_NAME, Manifest
+from lightweight_ckpt.manager.orphans import (
+    DEFAULT_OLDER_THAN_S,
+    Orphan,
+    find_orphans,
+    remove_orphans,
+)
 from lightweight_ckpt.manager.policy import (
     CheckpointRecord,
     RetentionPolicy,
@@ -295,6 +301,35 @@ class CheckpointManager:
         if result is None:
             log.info("%s: no checkpoint to resume from; starting afresh", self.dirpath)
         return result
+
+    def remove_orphans(
+        self, *, older_than_s: float = DEFAULT_OLDER_THAN_S, dry_run: bool = False
+    ) -> list[Orphan]:
+        """Remove the leftovers of killed saves in ``dirpath``; return what was (to be) removed.
+
+        Leftovers are staged temp files (``.<name>.tmp-<hex>``) and sharded version folders that
+        their ``.metadata`` does not name, untouched for ``older_than_s`` seconds, so a save in
+        progress (here or by another process) is never touched (``manager.orphans``). With
+        ``dry_run`` nothing is removed. Rank 0 looks and removes; every rank must call it and
+        gets rank 0's list.
+
+        Raises:
+            ValueError: ``older_than_s`` is negative.
+        """
+        self._check_open()
+        if older_than_s < 0:  # before any collective
+            raise ValueError(f"older_than_s must be >= 0, got {older_than_s}")
+        options = self._manifest.storage_options or None
+
+        def collect() -> list[Orphan]:
+            if not self._fabric.is_global_zero:
+                return []
+            found = find_orphans(self.dirpath, options, older_than_s)
+            if not dry_run:
+                remove_orphans(found, options)
+            return found
+
+        return self._agree(collectives.run_on_all_ranks("remove_orphans", collect))
 
     def wait(self) -> None:
         """Make every save durable, record it, and finish the deletions under way.

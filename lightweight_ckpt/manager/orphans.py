@@ -84,7 +84,8 @@ def find_orphans(
             if age is not None and age >= older_than_s:
                 found.append(Orphan(_url(root, path, name), "temp file", age, int(info["size"])))
         elif info.get("type") == "directory" and VERSION_NAME.match(base):
-            orphan = _stale_version(root, path, name, entries, now=now, older_than_s=older_than_s)
+            scan = _Scan(root, path, storage_options, now, older_than_s)
+            orphan = _stale_version(scan, name, entries)
             if orphan is not None:
                 found.append(orphan)
     return sorted(found, key=lambda orphan: -orphan.age_s)
@@ -101,20 +102,22 @@ def remove_orphans(
     return removed
 
 
-def _stale_version(
-    root: Location,
-    path: str,
-    folder: str,
-    entries: dict[str, dict[str, Any]],
-    *,
-    now: float,
-    older_than_s: float,
-) -> Orphan | None:
+@dataclass(frozen=True)
+class _Scan:
+    root: Location
+    path: str
+    storage_options: StorageOptions | None
+    now: float
+    older_than_s: float
+
+
+def _stale_version(scan: _Scan, folder: str, entries: dict[str, dict[str, Any]]) -> Orphan | None:
+    root, path, now = scan.root, scan.path, scan.now
     checkpoint = posixpath.dirname(folder.rstrip("/"))
     location = Location(root.fs, checkpoint, _url(root, path, checkpoint))
     if root.fs.exists(posixpath.join(checkpoint, dcp_dir.METADATA)):
         try:
-            metadata = dcp_dir.read_metadata(location, None)
+            metadata = dcp_dir.read_metadata(location, scan.storage_options)
         except CheckpointError:
             return None  # damaged: leave it for inspection
         used = {
@@ -127,7 +130,7 @@ def _stale_version(
     file_ages = [_age_s(now, info) for info in files]
     own_age = _age_s(now, entries[folder])  # object stores have no folder times
     ages = [age for age in [*file_ages, own_age] if age is not None]
-    if None in file_ages or not ages or min(ages) < older_than_s:
+    if None in file_ages or not ages or min(ages) < scan.older_than_s:
         return None  # something in it is recent (or of unknown age): a save may be running
     nbytes = sum(int(info.get("size") or 0) for info in files)
     return Orphan(_url(root, path, folder), "stale version", min(ages), nbytes)
