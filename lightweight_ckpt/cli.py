@@ -1,7 +1,7 @@
 """Command line: ``python -m lightweight_ckpt COMMAND`` (also installed as ``lightweight-ckpt``).
 
 ``inspect PATH``: the tree of keys with shapes, dtypes and sizes, and totals, without reading
-tensor data (single-file and sharded checkpoints, local or URL).
+tensor data (single-file and sharded checkpoints and safetensors files, local or URL).
 
 ``verify PATH``: check every record's CRC32 of a single-file checkpoint (exit 1 if any is
 damaged); for a sharded checkpoint, that ``.metadata`` reads and every piece it names exists
@@ -43,7 +43,7 @@ import torch
 
 from lightweight_ckpt.convert import convert
 from lightweight_ckpt.diff import DiffReport, diff_checkpoints
-from lightweight_ckpt.entries import verify_file_records
+from lightweight_ckpt.entries import read_skeleton, verify_file
 from lightweight_ckpt.errors import CheckpointError
 from lightweight_ckpt.formats import dcp_dir, torch_file
 from lightweight_ckpt.manager.orphans import DEFAULT_OLDER_THAN_S, find_orphans, remove_orphans
@@ -160,10 +160,9 @@ def inspect_checkpoint(path: str, options: dict[str, Any] | None = None) -> dict
     else:
         source = open_source(location)
         try:
-            tree = torch_file.TorchFileReader(source, True, None).skeleton()
+            tree, layout = read_skeleton(source)  # a torch file or safetensors
         finally:
             source.close()
-        layout = "file"
     rows = _leaves(tree)
     tensors = [row for row in rows if row["kind"] == "tensor"]
     return {
@@ -191,12 +190,9 @@ def verify_checkpoint(
         source = open_source(location)
         try:
             with progress_bar(source.size, "verify", progress) as advance:
-                results = verify_file_records(source, advance)
+                problems, checked, what = verify_file(source, advance)
         finally:
             source.close()
-        problems = [f"{record.name}: {problem}" for record, problem in results if problem]
-        checked = len(results)
-        what = "file: CRC32 of every record"
     return {
         "path": path,
         "ok": not problems,

@@ -172,11 +172,25 @@ def _open_file(
 
 
 def _open_safetensors(source: Source) -> OpenCheckpoint:
+    tree, infos = _safetensors_tree(source, "cpu")
+
+    def fill(tensor: torch.Tensor) -> None:
+        info = infos[id(tensor)]
+        view = torch_file.byte_view(tensor.untyped_storage())
+        source.readinto_at(info.begin, view[: info.end - info.begin])
+
+    return OpenCheckpoint(source.url, "safetensors", tree, fill, source)
+
+
+def _safetensors_tree(
+    source: Source, device: str
+) -> tuple[Any, dict[int, safetensors_file.TensorInfo]]:
+    """Validate the header; return the tree (tensors unread on ``device``) and where each lies."""
     header = safetensors_file.read_header(source)
     infos: dict[int, safetensors_file.TensorInfo] = {}
     tensors: dict[str, torch.Tensor] = {}
     for name, info in header.tensors.items():
-        tensors[name] = torch.empty(info.shape, dtype=info.dtype)  # unread until load()
+        tensors[name] = torch.empty(info.shape, dtype=info.dtype, device=device)  # unread
         infos[id(tensors[name])] = info
     aliases = _json_metadata(source.url, header.metadata, safetensors_file.ALIASES_KEY, {})
     for alias, target in dict(aliases).items():
@@ -187,13 +201,39 @@ def _open_safetensors(source: Source) -> OpenCheckpoint:
     tree = (
         tensors if encoded is None else safetensors_file.decode_tree(encoded, tensors, source.url)
     )
+    return tree, infos
 
-    def fill(tensor: torch.Tensor) -> None:
-        info = infos[id(tensor)]
-        view = torch_file.byte_view(tensor.untyped_storage())
-        source.readinto_at(info.begin, view[: info.end - info.begin])
 
-    return OpenCheckpoint(source.url, "safetensors", tree, fill, source)
+def read_skeleton(source: Source) -> tuple[Any, Layout]:
+    """Return a single file's or safetensors file's tree without reading tensor data (inspect).
+
+    Raises:
+        InvalidCheckpointError: not a checkpoint; ``CorruptCheckpointError`` if damaged.
+    """
+    if safetensors_file.looks_like_safetensors(source):
+        return _safetensors_tree(source, "meta")[0], "safetensors"
+    return torch_file.TorchFileReader(source, True, None).skeleton(), "file"
+
+
+def verify_file(
+    source: Source, progress: Callable[[int], None] = no_progress
+) -> tuple[list[str], int, str]:
+    """Check a single file or safetensors file; return ``(problems, items checked, what)``.
+
+    Raises:
+        InvalidCheckpointError: not a checkpoint at all.
+    """
+    if safetensors_file.looks_like_safetensors(source):
+        what = "safetensors: header, offsets and length (the format has no checksums)"
+        try:
+            header = safetensors_file.read_header(source)
+        except CorruptCheckpointError as err:
+            return [str(err)], 0, what
+        progress(source.size)
+        return [], len(header.tensors), what
+    results = verify_file_records(source, progress)
+    problems = [f"{record.name}: {problem}" for record, problem in results if problem]
+    return problems, len(results), "file: CRC32 of every record"
 
 
 def _json_metadata(url: str, metadata: dict[str, str], key: str, default: Any) -> Any:

@@ -209,3 +209,20 @@ def test_progress_bars_on_a_terminal_only(tmp_path: Path) -> None:
     _sharded_checkpoint(tmp_path / "sharded")
     shown = _on_a_terminal("consolidate", str(tmp_path / "sharded"), str(tmp_path / "f.pt"))
     assert "consolidate:" in shown
+
+
+def test_inspect_and_verify_a_safetensors_file(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(3, 4), "b": torch.zeros(2, dtype=torch.int64)}, tmp_path / "m.st")
+    shown = json.loads(_cli("inspect", str(tmp_path / "m.st"), "--json").stdout)
+    assert shown["layout"] == "safetensors"
+    assert (shown["tensors"], shown["tensor_bytes"]) == (2, 64)
+    assert {"name": "w", "kind": "tensor", "dtype": "float32", "shape": [3, 4], "bytes": 48} in (
+        shown["entries"]
+    )
+    assert _cli("verify", str(tmp_path / "m.st")).returncode == 0
+    (tmp_path / "m.st").write_bytes((tmp_path / "m.st").read_bytes()[:-8])
+    damaged = _cli("verify", str(tmp_path / "m.st"))
+    assert damaged.returncode == 1
+    assert "truncated or padded" in damaged.stderr
