@@ -144,6 +144,8 @@ def plan_tensors(leaves: dict[str, Any]) -> _Plan:
         if not isinstance(tensor, torch.Tensor):
             continue
         problem = _unsupported(tensor)
+        if name == "__metadata__":  # the header's own key
+            problem = "its name is reserved in safetensors headers"
         if problem:
             plan.dropped[name] = problem
             continue
@@ -207,6 +209,7 @@ def _to_safetensors(
         staged_write(resolve(dst, options)) as sink,
     ):
         sink.write(header)
+        advance(len(header))
         for _, tensor in plan.stored:
             opened.load(tensor)
             advance(_write_tensor(sink, tensor))

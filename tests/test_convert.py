@@ -270,3 +270,10 @@ def test_a_damaged_sharded_checkpoint_fails_before_writing(tmp_path: Path) -> No
     assert str(tmp_path / "sharded") in str(caught.value)
     assert not (tmp_path / "s.safetensors").exists()
     assert leftovers(tmp_path) == []
+
+
+def test_a_key_named_like_the_header_metadata_is_left_out(tmp_path: Path) -> None:
+    Fabric().save(tmp_path / "h.ckpt", {"__metadata__": torch.ones(2), "w": torch.zeros(2)})
+    report = convert(str(tmp_path / "h.ckpt"), str(tmp_path / "h.safetensors"))
+    assert report.dropped == {"__metadata__": "its name is reserved in safetensors headers"}
+    assert list(load_file(tmp_path / "h.safetensors")) == ["w"]
