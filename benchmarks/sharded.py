@@ -166,6 +166,7 @@ class Contender:
 
     name: ClassVar[str]
     description: ClassVar[str]
+    verify_s = 0.0  # time spent verifying checksums inside the timed load (ours only)
 
     def unavailable(self) -> str | None:
         """Why this contender cannot run here (checked by the orchestrator), or ``None``."""
@@ -205,10 +206,24 @@ class LightweightCkpt(Contender):
         return None
 
     def setup(self) -> None:
-        """Construct the Fabric object."""
+        """Construct the Fabric object; time the checksum verification inside loads."""
+        import time
+
         from lightweight_ckpt import Fabric
+        from lightweight_ckpt.formats import dcp_checksums
 
         self.fabric = Fabric()
+        verify = dcp_checksums.verify_items
+
+        def timed_verify(*args: Any) -> None:
+            start = time.perf_counter()
+            try:
+                verify(*args)
+            finally:
+                self.verify_s += time.perf_counter() - start
+
+        # the reader looks it up at call time; timing it adds two clock reads per load
+        dcp_checksums.verify_items = timed_verify  # type: ignore[assignment]
 
     def save(self, path: Path, model: Any, opt: Any) -> None:
         """Save model, optimizer and step."""
@@ -470,6 +485,7 @@ def rank_worker(args: argparse.Namespace) -> None:
                 _expected_path(path).write_text(json.dumps(digest), encoding="utf-8")
         else:
             measurement = _timed_load(contender, path, model, opt)
+            measurement["verify_seconds"] = contender.verify_s
             _stage(f"loaded in {measurement['seconds']:.2f} s and verified")
             result["verified"] = True
         mine = {"rank": rank, "share_bytes": local_state_bytes(model, opt), **measurement}
@@ -579,6 +595,7 @@ def summarize(results: list[dict[str, Any]], names: list[str]) -> list[dict[str,
             if not runs:
                 continue
             secs = [r["seconds"] for r in runs]
+            verify = [max(rank.get("verify_seconds", 0.0) for rank in r["ranks"]) for r in runs]
             ranks = [rank for r in runs for rank in r["ranks"]]
             worst = max(ranks, key=lambda rank: rank["peak_extra_rss"])
             rows.append(
@@ -586,6 +603,7 @@ def summarize(results: list[dict[str, Any]], names: list[str]) -> list[dict[str,
                     "contender": name,
                     "op": op,
                     "median_s": harness.median(secs),
+                    "median_verify_s": harness.median(verify),
                     "min_s": min(secs),
                     "max_s": max(secs),
                     "rounds": len(runs),
@@ -666,6 +684,13 @@ def orchestrate(args: argparse.Namespace) -> int:
     rows = summarize(results, names)
     print(header.replace("\n", "  \n") + "\n")
     print(render_table(rows))
+    for row in rows:
+        if row["op"] == "load" and row["median_verify_s"]:
+            share = row["median_verify_s"] / row["median_s"]
+            print(
+                f"\n`{row['contender']}` load: checksum verification {row['median_verify_s']:.3f} s"
+                f" (median over rounds of the slowest rank), {100 * share:.0f}% of the median load"
+            )
     if not_run:
         print()
         for name, reason in not_run.items():

@@ -61,7 +61,7 @@ from lightweight_ckpt.errors import (
     StateMismatchError,
     UnsafeCheckpointError,
 )
-from lightweight_ckpt.formats import dcp_checksums
+from lightweight_ckpt.formats import dcp_checksums, dcp_staging
 from lightweight_ckpt.storage import Location, resolve, staged_write
 
 if TYPE_CHECKING:
@@ -168,7 +168,12 @@ def write(
     writer = _VersionedWriter(location.url, version, storage_options)
     try:
         with _single_process_ok():
-            dcp_save(checkpoint, storage_writer=writer, no_dist=not _distributed())
+            dcp_save(
+                checkpoint,
+                storage_writer=writer,
+                process_group=dcp_staging.group_of_this_thread(),
+                no_dist=not _distributed(),
+            )
     except CheckpointException as err:
         raise _translate(location.url, err, writing=True) from err
 
@@ -244,15 +249,9 @@ class _SafeReader(FileSystemReader):
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
     ) -> None:
-        """Note whether the checkpoint carries checksum records."""
+        """Note whether the checkpoint carries checksum records (``read_metadata`` logs if not)."""
         super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
         self._checksummed = dcp_checksums.is_checksummed(metadata)
-        if not self._checksummed and is_coordinator:
-            log.warning(
-                "%s: written without checksum records (before lightweight_ckpt added them); "
-                "its pieces load unverified",
-                self.location.url,
-            )
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         """Verify the CRC32 of every stored item this rank will read.
@@ -332,6 +331,14 @@ def read_metadata(location: Location, storage_options: Any) -> Metadata:
         metadata: Metadata = _reader(location, storage_options).read_metadata()
     except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as err:
         raise CorruptCheckpointError(f"{location.url}: {METADATA} is unreadable: {err}") from err
+    if not dcp_checksums.is_checksummed(metadata) and (
+        not _distributed() or torch.distributed.get_rank() == 0
+    ):
+        log.warning(
+            "%s: written without checksum records (before lightweight_ckpt added them); "
+            "its pieces are read unverified",
+            location.url,
+        )
     return metadata
 
 

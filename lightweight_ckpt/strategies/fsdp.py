@@ -5,8 +5,10 @@ State dicts come from ``torch.distributed.checkpoint.state_dict`` (``get_model_s
 ``fully_shard`` (FSDP2, DTensor) alike, so the module kind is detected, never configured.
 
 - ``state_dict_type="sharded"``: every rank writes its piece of one directory in the DCP format
-  (``formats.dcp_dir``: fresh version folder, ``.metadata`` committed last by rank 0). It loads at
-  any world size (DCP reshards) and into plain modules in one process.
+  (``formats.dcp_dir``: fresh version folder, a CRC32 record per piece, ``.metadata`` committed
+  last by rank 0). It loads at any world size (DCP reshards) and into plain modules in one
+  process. With ``AsyncCheckpointIO`` the agreed ``stage`` step snapshots each rank's piece to
+  host memory and the piece is written in the background (``io.async_io``).
 - ``state_dict_type="full"``: parameters are gathered to rank 0 on the CPU and rank 0 writes one
   ``torch.load``-compatible file, like ``DDPStrategy``.
 
