@@ -8,7 +8,9 @@ CheckpointError                         base of everything we raise on purpose
 │   └── UnsafeCheckpointError           needs weights_only=False (a pickle of arbitrary objects)
 ├── StateMismatchError                  also ValueError: shapes/dtypes/keys do not fit the target
 ├── MissingKeysError                    also KeyError: strict load, requested keys absent
-└── CheckpointWriteError                also OSError: write/commit failed; previous one intact
+├── CheckpointWriteError                also OSError: write/commit failed; previous one intact
+└── CheckpointReadError                 the store could not be read (unreachable after retries,
+                                        timed out, credentials refused, access denied)
 ```
 
 Each error also subclasses the builtin it means, so ``except KeyError`` and friends keep working.
@@ -58,9 +60,20 @@ class CheckpointWriteError(CheckpointError, OSError):
         return str(self.args[0]) if self.args else ""
 
 
+class CheckpointReadError(CheckpointError):
+    """Reading from storage failed (after retries, or refused for good).
+
+    Nothing the caller owns was changed, unless the message says the failure came after
+    verification, while reading into the targets (then load again). Not an ``OSError``: the
+    readers translate ``OSError`` from damaged bytes into ``CorruptCheckpointError``, and a
+    network failure must not read as a damaged file.
+    """
+
+
 __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
+    "CheckpointReadError",
     "CheckpointWriteError",
     "CorruptCheckpointError",
     "InvalidCheckpointError",

@@ -16,6 +16,14 @@ Reading is staged so that a load is all-or-nothing and needs no extra memory:
 3. ``fill()`` reads those records straight into their targets. The caller runs it only once
    everything else has been accepted, so a failed load changes nothing.
 
+Remote sources (s3://, gs://, ...) are read as ranges of at most ``chunk_bytes``, on
+``io_threads`` threads at once, whichever records they belong to; each record's CRC32 is
+combined from its ranges' (``crc32_combine``). A bound record is read twice: ``verify`` streams
+it through the CRC and drops the bytes, ``fill`` reads it into its target and checks the CRC
+again (which catches an object replaced between the two passes). So an in-place remote load
+holds ``io_threads * chunk_bytes`` bytes beyond the targets, not a second copy of the state,
+for twice the transfer of the bound records.
+
 Files that are not plain zip checkpoints of tensors (pre-1.6 pickles, TorchScript archives, other
 byte orders, a ``map_location`` other than the CPU) take ``torch.load`` itself, after the same
 CRC checks where the format has them.
@@ -37,6 +45,8 @@ from torch import _weights_only_unpickler
 
 from lightweight_ckpt.config import settings
 from lightweight_ckpt.errors import (
+    CheckpointError,
+    CheckpointReadError,
     CorruptCheckpointError,
     InvalidCheckpointError,
     UnsafeCheckpointError,
@@ -61,6 +71,51 @@ if TYPE_CHECKING:
 
 _BOUNCE_BYTES = 8 * 1024 * 1024
 _T = TypeVar("_T")
+_CRC32_POLY = 0xEDB88320
+
+_isal_combine: Callable[[int, int, int], int] | None
+try:
+    from isal.isal_zlib import crc32_combine as _isal_crc32_combine
+
+    _isal_combine = _isal_crc32_combine
+except ImportError:  # pragma: no cover - isal < 1.7
+    _isal_combine = None
+
+
+def _gf2_times(matrix: list[int], vector: int) -> int:
+    total, row = 0, 0
+    while vector:
+        if vector & 1:
+            total ^= matrix[row]
+        vector >>= 1
+        row += 1
+    return total
+
+
+def crc32_combine(first: int, second: int, second_len: int) -> int:
+    """CRC32 of ``a + b`` from ``crc32(a)``, ``crc32(b)`` and ``len(b)``."""
+    if _isal_combine is not None:
+        return int(_isal_combine(first, second, second_len))
+    return _crc32_combine_py(first, second, second_len)  # pragma: no cover
+
+
+def _crc32_combine_py(first: int, second: int, second_len: int) -> int:  # pragma: no cover
+    """Apply (zlib's ``crc32_combine``) ``second_len`` zero bytes to ``first`` by squaring."""
+    odd = [_CRC32_POLY] + [1 << (n - 1) for n in range(1, 32)]
+    even = [_gf2_times(odd, row) for row in odd]
+    odd = [_gf2_times(even, row) for row in even]
+    while second_len > 0:
+        even = [_gf2_times(odd, row) for row in odd]
+        if second_len & 1:
+            first = _gf2_times(even, first)
+        second_len >>= 1
+        if not second_len:
+            break
+        odd = [_gf2_times(even, row) for row in even]
+        if second_len & 1:
+            first = _gf2_times(odd, first)
+        second_len >>= 1
+    return first ^ second
 
 
 def write(checkpoint: Any, sink: Sink) -> None:
@@ -226,13 +281,34 @@ class TorchFileReader:
         largest records first.
         """
         copies = sorted(self._chosen.values(), key=lambda pair: -pair[0].size)
+        self._chosen = {}
+        if self._mapped is None:
+            self._fill_remote(copies)
+            return
         _parallel(
             lambda pair: self.source.readinto_at(
                 pair[0].offset, byte_view(pair[1].untyped_storage())
             ),
             copies,
         )
-        self._chosen = {}
+
+    def _fill_remote(self, copies: Sequence[tuple[Record, torch.Tensor]]) -> None:
+        """Read into the targets as ranges; a CRC that now differs means the object changed."""
+        records = [(record, byte_view(target.untyped_storage())) for record, target in copies]
+        try:
+            crcs = _ranged_crcs(self.source, records)
+        except CheckpointReadError as err:
+            raise CheckpointReadError(
+                f"{err} Everything was verified, but reading into the targets then failed: "
+                "some tensors hold the checkpoint's data and others not; load again."
+            ) from err
+        for (record, _), actual in zip(records, crcs, strict=True):
+            if record.crc not in (actual, 0):
+                raise CorruptCheckpointError(
+                    f"{self.source.url}: record {record.name!r} changed while it was loaded "
+                    f"(CRC32 {record.crc:08x} when verified, {actual:08x} now): another save "
+                    "replaced the object. Some tensors hold the new data; load again."
+                )
 
     def _names_by_record(self) -> dict[str, str]:
         names: dict[str, str] = {}
@@ -248,9 +324,7 @@ class TorchFileReader:
     def _bindable(
         self, bindings: Mapping[int, torch.Tensor]
     ) -> dict[int, tuple[Record, torch.Tensor]]:
-        """Keep the bindings we can honour: local file, whole-storage tensors, CPU targets."""
-        if self._mapped is None:
-            return {}
+        """Keep the bindings we can honour: whole-storage tensors with CPU targets."""
         chosen = {}
         for _, tensor in iter_tensors(self._tree):
             target = bindings.get(id(tensor))
@@ -269,6 +343,9 @@ class TorchFileReader:
         """Check every record's CRC; fill unmapped storages from the source as we go."""
         names = names or {}
         by_record = {f"{self._prefix}data/{k}": s for k, s in self._storages.items()}
+        if self._mapped is None:
+            self._verify_remote(names, release, by_record)
+            return
 
         def verify(record: Record) -> None:
             storage = by_record.get(record.name)
@@ -286,6 +363,25 @@ class TorchFileReader:
 
         _parallel(verify, sorted(self._records.values(), key=lambda r: -r.size))
 
+    def _verify_remote(
+        self,
+        names: Mapping[str, str],
+        release: set[str] | frozenset[str],
+        by_record: Mapping[str, torch.UntypedStorage],
+    ) -> None:
+        """Check every record as parallel ranges: into its storage, or only through the CRC.
+
+        Records in ``release`` (bound to a target) and records without a storage of their own
+        are hashed and dropped range by range, so they cost no memory here.
+        """
+        records: list[tuple[Record, memoryview | None]] = []
+        for record in self._records.values():
+            storage = by_record.get(record.name)
+            keep = storage is not None and storage.nbytes() and record.name not in release
+            records.append((record, byte_view(storage) if keep and storage is not None else None))
+        for (record, _), actual in zip(records, _ranged_crcs(self.source, records), strict=True):
+            check_crc(self.source.url, record, actual, names.get(record.name))
+
     def _eager(self) -> Any:
         """Load with ``torch.load`` for files outside the fast path."""
         file = SourceFile(self.source)
@@ -295,6 +391,8 @@ class TorchFileReader:
                 map_location=cast("Any", self.map_location or "cpu"),
                 weights_only=self.weights_only,
             )
+        except CheckpointError:
+            raise  # the store failed (after retries): not a damaged file
         except pickle.UnpicklingError as err:
             raise _unpickling_error(self.source.url, err, self.weights_only) from err
         except Exception as err:  # torch.load of damaged bytes can fail in any way
@@ -312,6 +410,45 @@ def _parallel(fn: Callable[[_T], None], items: Sequence[_T]) -> None:
     with ThreadPoolExecutor(threads, thread_name_prefix="lwckpt-read") as pool:
         for future in [pool.submit(fn, item) for item in items]:
             future.result()
+
+
+def _ranged_crcs(source: Source, records: Sequence[tuple[Record, memoryview | None]]) -> list[int]:
+    """CRC32 of each record, read as ``chunk_bytes`` ranges on ``io_threads`` threads.
+
+    A record with a view is read into it; one without is hashed and its bytes dropped. At most
+    ``io_threads`` ranges are in flight, whatever the records' sizes.
+    """
+    step = settings().chunk_bytes
+    tasks = [
+        (record, view, start) for record, view in records for start in range(0, record.size, step)
+    ]
+
+    def read(task: tuple[Record, memoryview | None, int]) -> tuple[int, int]:
+        record, view, start = task
+        size = min(step, record.size - start)
+        if view is not None:
+            piece = view[start : start + size]
+            source.readinto_at(record.offset + start, piece)
+            return crc32(piece, 0), size
+        data = source.read_at(record.offset + start, size)
+        if len(data) != size:
+            raise CorruptCheckpointError(f"{source.url}: truncated: the file ends at {source.size}")
+        return crc32(data, 0), size
+
+    pool = ThreadPoolExecutor(max(1, settings().io_threads), thread_name_prefix="lwckpt-range")
+    try:
+        parts = list(pool.map(read, tasks))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    crcs, index = [], 0
+    for record, _ in records:
+        value = 0
+        for _start in range(0, record.size, step):
+            part, size = parts[index]
+            value = crc32_combine(value, part, size)
+            index += 1
+        crcs.append(value)
+    return crcs
 
 
 def _whole_storage(tensor: torch.Tensor) -> bool:

@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lightweight_ckpt.formats import dcp_dir
-from lightweight_ckpt.storage import Location, resolve
+from lightweight_ckpt.storage import Location, call_with_retries, resolve
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -157,7 +157,8 @@ class CheckpointIO(ABC):
 
     def is_sharded(self, path: StrPath, storage_options: StorageOptions | None = None) -> bool:
         """Return True if ``path`` holds a sharded checkpoint (a directory)."""
-        return dcp_dir.is_sharded(self.locate(path, storage_options))
+        location = self.locate(path, storage_options)
+        return call_with_retries(location.url, "reading", lambda: dcp_dir.is_sharded(location))
 
     def prepare_sharded(
         self, path: StrPath, version: str, storage_options: StorageOptions | None = None

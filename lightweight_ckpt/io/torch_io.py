@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from lightweight_ckpt.errors import CheckpointError, CheckpointWriteError
 from lightweight_ckpt.formats import torch_file
 from lightweight_ckpt.io.base import CheckpointIO, CheckpointReader
-from lightweight_ckpt.storage import open_source, remove, staged_write
+from lightweight_ckpt.storage import open_source, remove, write_with_retries
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     import torch
 
+    from lightweight_ckpt.storage import Sink
     from lightweight_ckpt.types import Checkpoint, MapLocation, StorageOptions, StrPath
 
 log = logging.getLogger("lightweight_ckpt")
@@ -51,13 +52,16 @@ class TorchCheckpointIO(CheckpointIO):
     ) -> None:
         """Stream ``checkpoint`` to ``path``; it appears there whole, or the old file stays.
 
+        A transient storage failure restarts the upload (``storage.write_with_retries``).
+
         Raises:
             CheckpointWriteError: writing, serializing or committing failed.
         """
         location = self.locate(path, storage_options)
         staged = self.stage(checkpoint)
         start = time.perf_counter()
-        with staged_write(location) as sink:
+
+        def write(sink: Sink) -> None:
             try:
                 torch_file.write(staged, sink)
             except CheckpointError:
@@ -67,7 +71,8 @@ class TorchCheckpointIO(CheckpointIO):
                 if not isinstance(cause, Exception):
                     raise cause from None  # Ctrl-C / SystemExit inside torch's writer: not ours
                 raise CheckpointWriteError(f"{location.url}: {_describe(cause, err)}") from err
-            nbytes = sink.tell()
+
+        nbytes = write_with_retries(location, write)
         log_transfer("saved", location.url, nbytes, time.perf_counter() - start)
 
     def load_checkpoint(

@@ -31,6 +31,7 @@ from fsspec.spec import AbstractBufferedFile
 
 from lightweight_ckpt import CheckpointWriteError, Fabric
 from lightweight_ckpt.config import override
+from lightweight_ckpt.storage import abort_incomplete_uploads, resolve
 from tests.helpers.asserts import assert_states_equal, snapshot
 from tests.helpers.models import fresh_like, make_state
 from tests.helpers.servers import GCSFS_LARGE_BODY_WARNING, PROTOCOLS, Store, open_store
@@ -261,6 +262,10 @@ def test_sigkilled_saver_leaves_the_previous_checkpoint(store: Store) -> None:
     # no partial object, no temp key: only the previous checkpoint, whole
     assert store.objects() == ["last.ckpt"]
     _assert_previous_intact(store, url, before)
+    # the orphan upload can be aborted afterwards (storage.abort_incomplete_uploads)
+    aborted = abort_incomplete_uploads(resolve(url, store.storage_options), older_than_s=0)
+    assert [u.url for u in aborted] == ([url] if store.protocol == "s3" else [])
+    assert store.incomplete_uploads() == []
     # and a new save over it works
     fresh = big_state(seed=3)
     Fabric().save(url, fresh, storage_options=store.storage_options)

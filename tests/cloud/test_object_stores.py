@@ -52,31 +52,6 @@ def test_round_trip_restores_every_tensor_bitwise(store: Store) -> None:
     assert target["hparams"] == state["hparams"]
 
 
-@pytest.fixture
-def no_ambient_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No credentials from the environment, ~/.aws or the instance metadata service.
-
-    A call that misses the test's storage options then fails at once (NoCredentialsError)
-    instead of reaching out for credentials or to AWS itself.
-    """
-    for name in (
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_SESSION_TOKEN",
-        "AWS_PROFILE",
-        "AWS_DEFAULT_PROFILE",
-        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-        "AWS_WEB_IDENTITY_TOKEN_FILE",
-        "AWS_ENDPOINT_URL",
-        "AWS_ENDPOINT_URL_S3",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-
-
 @pytest.mark.usefixtures("no_ambient_aws")
 @pytest.mark.parametrize("layout", ["file", "sharded"])
 def test_checkpoint_io_default_storage_options_serve_every_call(

@@ -1,0 +1,252 @@
+"""Transient and lasting transport faults, injected by a real TCP proxy in front of the servers.
+
+The clients (real s3fs and gcsfs) talk to ``FaultProxy`` on 127.0.0.1, which forwards to moto or
+fake-gcs-server and, by rule, drops a connection, stalls it, cuts a response short, or answers
+503/403 itself (tests/helpers/proxy.py). botocore's own retries are off here (one attempt), so a
+503 reaches our layer; s3fs's wrapper and gcsfs still retry what they retry, and the request log
+shows which layer did.
+
+A transient fault is retried and the save or load gives identical values; a lasting fault raises
+our error naming the URL; a failed save publishes nothing and keeps the previous checkpoint; a
+load that fails before its fill pass changes no tensor. GCS gets no lasting-fault tests: gcsfs
+retries every one of them itself for ~30 s per request before we see it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from lightweight_ckpt import CheckpointNotFoundError, CheckpointWriteError, Fabric
+from lightweight_ckpt.config import override
+from lightweight_ckpt.errors import CheckpointReadError
+from tests.helpers.asserts import assert_states_differ, assert_states_equal, snapshot
+from tests.helpers.models import fresh_like, make_state
+from tests.helpers.proxy import Fault, FaultProxy
+from tests.helpers.servers import GCSFS_LARGE_BODY_WARNING, PROTOCOLS, Store, open_store
+
+pytestmark = [pytest.mark.cloud, GCSFS_LARGE_BODY_WARNING]
+
+MIB = 2**20
+WIDTH = 1024  # fc1 weight and its two AdamW moments: 4 MiB each, 12 MiB in all
+BLOCK_BYTES = {"s3": 5 * MIB, "gs": 1 * MIB}
+RANGE_BYTES = MIB  # chunk_bytes here: each 4 MiB record is read as 4 ranges
+# Only tensor data: index, pickle and CRC-table reads are small.
+DATA_GET = {"method": "GET", "min_range_bytes": RANGE_BYTES // 2}
+UPLOAD_PART = {"s3": {"method": "PUT", "path": "partNumber=2"}, "gs": {"path": "upload_id="}}
+
+
+@dataclass
+class Proxied:
+    """A bucket, reachable directly (``store``) and through a fault proxy (``options``)."""
+
+    store: Store
+    proxy: FaultProxy
+    options: dict[str, Any]
+
+    @property
+    def protocol(self) -> str:
+        return self.store.protocol
+
+    def requests(self, method: str, pattern: str) -> int:
+        return sum(1 for m, target, _ in self.proxy.requests if m == method and pattern in target)
+
+
+@pytest.fixture(params=PROTOCOLS)
+def proxied(request: pytest.FixtureRequest) -> Iterator[Proxied]:
+    yield from _proxied(request, request.param)
+
+
+@pytest.fixture
+def proxied_s3(request: pytest.FixtureRequest) -> Iterator[Proxied]:
+    yield from _proxied(request, "s3")
+
+
+def _proxied(request: pytest.FixtureRequest, protocol: str) -> Iterator[Proxied]:
+    for store in open_store(request, protocol, block_bytes=BLOCK_BYTES[protocol]):
+        with FaultProxy(store.server.endpoint) as proxy:
+            options = {**store.storage_options, "endpoint_url": proxy.endpoint}
+            if protocol == "s3":
+                options["config_kwargs"] = {
+                    "retries": {"total_max_attempts": 1},  # botocore: no retries of its own
+                    "connect_timeout": 2,
+                    "read_timeout": 2,
+                }
+            with override(retry_attempts=3, retry_backoff_s=0.05, chunk_bytes=RANGE_BYTES):
+                yield Proxied(store, proxy, options)
+
+
+def _save_direct(proxied: Proxied, url: str, steps: int = 2) -> dict[str, Any]:
+    state = make_state(WIDTH, steps=steps)
+    Fabric().save(url, state, storage_options=proxied.store.storage_options)
+    return state
+
+
+def _load_direct(proxied: Proxied, url: str) -> dict[str, Any]:
+    target = fresh_like(make_state(WIDTH), width=WIDTH)
+    Fabric().load(url, target, storage_options=proxied.store.storage_options)
+    return target
+
+
+# -- transient faults: retried, identical values ----------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["drop", "status"])
+def test_transient_fault_during_save_is_retried(proxied: Proxied, kind: str) -> None:
+    url = proxied.store.url("last.ckpt")
+    previous = _save_direct(proxied, url, steps=1)
+    fault = proxied.proxy.add(Fault(kind, **UPLOAD_PART[proxied.protocol]))
+    state = make_state(WIDTH, steps=3)
+    assert_states_differ(state, previous)
+
+    Fabric().save(url, state, storage_options=proxied.options)
+
+    assert fault.hits == 1  # the fault really fired, mid-upload
+    assert proxied.store.objects() == ["last.ckpt"]
+    assert proxied.store.incomplete_uploads() == []
+    assert_states_equal(_load_direct(proxied, url), state)
+    if proxied.protocol == "s3" and kind == "status":
+        # nobody below retries a 503 here: our layer discarded the upload and started over
+        assert proxied.requests("POST", "?uploads") == 2
+
+
+@pytest.mark.parametrize("kind", ["drop", "status", "truncate", "stall"])
+def test_transient_fault_during_load_is_retried(proxied: Proxied, kind: str) -> None:
+    if kind == "stall" and proxied.protocol == "gs":
+        pytest.skip("gcsfs waits minutes on a stalled read; its timeout is not per request")
+    url = proxied.store.url("last.ckpt")
+    state = _save_direct(proxied, url)
+    fault = proxied.proxy.add(
+        Fault(kind, skip=2, truncate_bytes=64 * 1024, stall_s=5.0, **DATA_GET)
+    )
+    target = fresh_like(make_state(WIDTH), width=WIDTH)
+    assert_states_differ(target, state)
+
+    assert Fabric().load(url, target, storage_options=proxied.options) == {}
+
+    assert fault.hits == 1
+    assert_states_equal(target, state)
+    assert target["step"] == state["step"]
+
+
+def test_retries_are_logged_with_the_url(
+    proxied_s3: Proxied, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = proxied_s3.store.url("last.ckpt")
+    state = _save_direct(proxied_s3, url)
+    proxied_s3.proxy.add(Fault("status", **DATA_GET))
+    with caplog.at_level(logging.WARNING, logger="lightweight_ckpt"):
+        raw = Fabric().load(url, storage_options=proxied_s3.options)
+    assert_states_equal(raw["model"], state["model"].state_dict())
+    retried = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert len(retried) == 1
+    assert url in retried[0]
+
+
+# -- lasting faults: our error, naming the URL; nothing partial -------------------------------
+
+
+def test_lasting_fault_during_save_raises_and_keeps_the_previous(proxied_s3: Proxied) -> None:
+    url = proxied_s3.store.url("last.ckpt")
+    previous = _save_direct(proxied_s3, url, steps=1)
+    expected = snapshot(previous["model"])
+    fault = proxied_s3.proxy.add(Fault("status", times=None, **UPLOAD_PART["s3"]))
+
+    with pytest.raises(CheckpointWriteError) as info:
+        Fabric().save(url, make_state(WIDTH, steps=3), storage_options=proxied_s3.options)
+
+    message = str(info.value)
+    assert message.startswith(f"{url}: writing failed after 3 attempts")
+    assert "503" in message
+    assert fault.hits == 3  # one upload per attempt, each aborted
+    assert proxied_s3.store.objects() == ["last.ckpt"]
+    assert proxied_s3.store.incomplete_uploads() == []
+    assert_states_equal(_load_direct(proxied_s3, url)["model"], expected)
+
+
+def test_lasting_fault_during_verify_leaves_the_state_untouched(proxied_s3: Proxied) -> None:
+    url = proxied_s3.store.url("last.ckpt")
+    _save_direct(proxied_s3, url)
+    proxied_s3.proxy.add(Fault("status", skip=5, times=None, **DATA_GET))
+    target = fresh_like(make_state(WIDTH), width=WIDTH)
+    before = snapshot(target["model"])
+    before_optimizer = snapshot(target["optimizer"].state_dict())
+
+    with pytest.raises(CheckpointReadError) as info:
+        Fabric().load(url, target, storage_options=proxied_s3.options)
+
+    assert str(info.value).startswith(f"{url}: reading failed after 3 attempts")
+    assert_states_equal(target["model"], before)
+    assert_states_equal(target["optimizer"].state_dict(), before_optimizer)
+    assert target["step"] == 0
+
+
+def test_lasting_fault_during_fill_says_the_state_is_partial(proxied_s3: Proxied) -> None:
+    """After verification the bound tensors are read again, into the targets.
+
+    A fault that outlasts the retries there cannot be undone (no second copy is kept, by
+    design): the error says so.
+    """
+    url = proxied_s3.store.url("last.ckpt")
+    _save_direct(proxied_s3, url)
+    verify_reads = 3 * (WIDTH * WIDTH * 4 // RANGE_BYTES)  # fc1 weight + 2 moments, verified
+    proxied_s3.proxy.add(Fault("status", skip=verify_reads, times=None, **DATA_GET))
+    target = fresh_like(make_state(WIDTH), width=WIDTH)
+
+    with pytest.raises(CheckpointReadError) as info:
+        Fabric().load(url, target, storage_options=proxied_s3.options)
+
+    assert "reading into the targets then failed" in str(info.value)
+    assert url in str(info.value)
+
+
+# -- lasting conditions: no retries, a clear message ------------------------------------------
+
+
+def test_access_denied_is_not_retried(proxied: Proxied) -> None:
+    url = proxied.store.url("last.ckpt")
+    _save_direct(proxied, url)
+    fault = proxied.proxy.add(Fault("status", status=403, times=None))
+
+    with pytest.raises(CheckpointWriteError) as write_info:
+        Fabric().save(url, make_state(WIDTH), storage_options=proxied.options)
+    assert url in str(write_info.value)
+    assert "Access denied" in str(write_info.value)
+    saving_requests = list(proxied.proxy.requests)
+
+    with pytest.raises(CheckpointReadError) as read_info:
+        Fabric().load(url, storage_options=proxied.options)
+    assert url in str(read_info.value)
+    assert "Access denied" in str(read_info.value)
+    # every request was refused once, and none was sent again
+    assert fault.hits == len(proxied.proxy.requests)
+    assert len(set(saving_requests)) == len(saving_requests)
+    assert proxied.store.objects() == ["last.ckpt"]
+
+
+def test_missing_bucket(store: Store) -> None:
+    url = f"{store.protocol}://{store.bucket}-missing/last.ckpt"
+    with pytest.raises(CheckpointWriteError) as info:
+        Fabric().save(url, make_state(), storage_options=store.storage_options)
+    assert url in str(info.value)
+    assert "bucket does not exist" in str(info.value)
+    with pytest.raises(CheckpointNotFoundError) as load_info:
+        Fabric().load(url, storage_options=store.storage_options)
+    assert url in str(load_info.value)
+
+
+@pytest.mark.usefixtures("no_ambient_aws")
+def test_missing_credentials(store: Store) -> None:
+    if store.protocol == "gs":
+        pytest.skip("gcsfs without a token looks for Google credentials beyond 127.0.0.1")
+    options = {k: v for k, v in store.storage_options.items() if k not in ("key", "secret")}
+    url = store.url("last.ckpt")
+    with pytest.raises(CheckpointWriteError) as info:
+        Fabric().save(url, make_state(), storage_options=options)
+    assert url in str(info.value)
+    assert "Credentials are missing or were refused" in str(info.value)
+    assert "NoCredentialsError" in str(info.value)
