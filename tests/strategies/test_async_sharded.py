@@ -20,12 +20,11 @@ import torch.distributed as dist
 from lightweight_ckpt import CheckpointError, Fabric
 from lightweight_ckpt.formats import dcp_staging
 from lightweight_ckpt.io import AsyncCheckpointIO, TorchCheckpointIO
+from lightweight_ckpt.strategies import FSDPStrategy
 from tests.helpers.asserts import assert_states_differ, assert_states_equal
 from tests.helpers.distributed import run_distributed
 from tests.strategies.test_matrix import build, perturb, reference
 from tests.strategies.test_sharded_faults import HANG_GUARD_S, assert_commit_complete, versions
-
-pytestmark = pytest.mark.distributed
 
 
 class _Recording(TorchCheckpointIO):
@@ -47,7 +46,7 @@ class _Recording(TorchCheckpointIO):
     ) -> None:
         self.saves += 1
         self.writers.append((threading.current_thread().name, dcp_staging.group_of_this_thread()))
-        if self.saves in self.fail_on and dist.get_rank() == self.victim:
+        if self.saves in self.fail_on and dist.is_initialized() and dist.get_rank() == self.victim:
             if self.how == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             os.makedirs(os.path.join(path, version, f"__{self.victim}_0.distcp"))
@@ -84,6 +83,7 @@ def _async_round_trip(rank: int, world_size: int, kind: str, directory: str) -> 
     fabric.teardown()
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("kind", ["fsdp1", "fsdp2"])
 def test_async_sharded_save_then_load(tmp_path: Path, kind: str) -> None:
     run_distributed(_async_round_trip, 2, tmp_path, args=(kind, str(tmp_path)))
@@ -114,6 +114,7 @@ def _failure_on_one_rank(rank: int, world_size: int, kind: str, directory: str) 
     fabric.teardown()
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("kind", ["fsdp1", "fsdp2"])
 def test_async_sharded_failure_on_one_rank_raises_on_all(tmp_path: Path, kind: str) -> None:
     run_distributed(_failure_on_one_rank, 2, tmp_path, args=(kind, str(tmp_path)))
@@ -134,6 +135,7 @@ def _killed_before_commit(rank: int, world_size: int, directory: str) -> None:
     fabric.wait()  # rank 0: the background save fails (its peer is gone) and raises here
 
 
+@pytest.mark.distributed
 def test_async_sharded_crash_before_commit_keeps_previous(tmp_path: Path) -> None:
     with pytest.raises(AssertionError, match=r"rank|exited|hung"):
         run_distributed(
@@ -148,3 +150,26 @@ def test_async_sharded_crash_before_commit_keeps_previous(tmp_path: Path) -> Non
     Fabric().load(path, state)
     assert state["step"] == 1
     assert_states_equal(model.state_dict(), expected)
+
+
+@pytest.mark.parametrize("url", [False, True])
+def test_async_sharded_in_one_process(tmp_path: Path, url: bool) -> None:
+    # no process group: no background group either; the worker still writes the snapshot
+    path = "memory://async/sharded" if url else str(tmp_path / "sharded")
+    recording = _Recording()
+    io = AsyncCheckpointIO(recording)
+    fabric = Fabric(strategy=FSDPStrategy(checkpoint_io=io))
+    model, optimizer = build("plain", arch="mlp")
+    expected = reference("plain", model, optimizer)
+    fabric.save(path, {"model": model, "optimizer": optimizer, "step": 1})
+    perturb(model, optimizer)
+    fabric.wait()
+    assert_states_differ(reference("plain", model, optimizer), expected)
+    state = {"model": model, "optimizer": optimizer, "step": 0}
+    fabric.load(path, state)
+    assert state["step"] == 1
+    assert_states_equal(reference("plain", model, optimizer), expected)
+    assert [(name.startswith("lwckpt-async"), group) for name, group in recording.writers] == [
+        (True, None)
+    ]
+    fabric.teardown()
