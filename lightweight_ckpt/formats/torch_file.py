@@ -38,6 +38,7 @@ import json
 import pickle
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
@@ -412,42 +413,76 @@ def _parallel(fn: Callable[[_T], None], items: Sequence[_T]) -> None:
             future.result()
 
 
-def _ranged_crcs(source: Source, records: Sequence[tuple[Record, memoryview | None]]) -> list[int]:
-    """CRC32 of each record, read as ``chunk_bytes`` ranges on ``io_threads`` threads.
+_GAP_BYTES = 64 * 1024  # records closer than this share a range (zip headers, small records)
 
-    A record with a view is read into it; one without is hashed and its bytes dropped. At most
-    ``io_threads`` ranges are in flight, whatever the records' sizes.
+
+@dataclass(frozen=True)
+class _Piece:
+    """Part of one record inside a fetched range: which record, where in it, how long."""
+
+    index: int
+    start: int
+    size: int
+
+
+def _plan_ranges(
+    records: Sequence[tuple[Record, memoryview | None]], step: int
+) -> list[tuple[int, int, list[_Piece]]]:
+    """Cover every record with ``(offset, size, pieces)`` ranges of at most ``step`` bytes.
+
+    Large records are split; neighbouring small ones (a model's biases, AdamW's ``step``
+    scalars) share one request, so a checkpoint of many small tensors costs few round trips.
+    """
+    ranges: list[tuple[int, int, list[_Piece]]] = []
+    order = sorted(range(len(records)), key=lambda i: records[i][0].offset)
+    for index in order:
+        record = records[index][0]
+        for start in range(0, record.size, step):
+            size = min(step, record.size - start)
+            offset = record.offset + start
+            if ranges:
+                first, length, pieces = ranges[-1]
+                end = offset + size
+                if 0 <= offset - (first + length) <= _GAP_BYTES and end - first <= step:
+                    pieces.append(_Piece(index, start, size))
+                    ranges[-1] = (first, end - first, pieces)
+                    continue
+            ranges.append((offset, size, [_Piece(index, start, size)]))
+    return ranges
+
+
+def _ranged_crcs(source: Source, records: Sequence[tuple[Record, memoryview | None]]) -> list[int]:
+    """CRC32 of each record, read as ranges of at most ``chunk_bytes`` on ``io_threads`` threads.
+
+    A record with a view is copied into it; one without is hashed and its bytes dropped. At most
+    ``io_threads`` ranges are in flight (and in memory), whatever the records' sizes.
     """
     step = settings().chunk_bytes
-    tasks = [
-        (record, view, start) for record, view in records for start in range(0, record.size, step)
-    ]
+    ranges = _plan_ranges(records, step)
 
-    def read(task: tuple[Record, memoryview | None, int]) -> tuple[int, int]:
-        record, view, start = task
-        size = min(step, record.size - start)
-        if view is not None:
-            piece = view[start : start + size]
-            source.readinto_at(record.offset + start, piece)
-            return crc32(piece, 0), size
-        data = source.read_at(record.offset + start, size)
+    def read(task: tuple[int, int, list[_Piece]]) -> list[tuple[_Piece, int]]:
+        offset, size, pieces = task
+        data = memoryview(source.read_at(offset, size))
         if len(data) != size:
             raise CorruptCheckpointError(f"{source.url}: truncated: the file ends at {source.size}")
-        return crc32(data, 0), size
+        out = []
+        for piece in pieces:
+            at = records[piece.index][0].offset + piece.start - offset
+            chunk = data[at : at + piece.size]
+            view = records[piece.index][1]
+            if view is not None:
+                view[piece.start : piece.start + piece.size] = chunk
+            out.append((piece, crc32(chunk, 0)))
+        return out
 
     pool = ThreadPoolExecutor(max(1, settings().io_threads), thread_name_prefix="lwckpt-range")
     try:
-        parts = list(pool.map(read, tasks))
+        done = [part for parts in pool.map(read, ranges) for part in parts]
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    crcs, index = [], 0
-    for record, _ in records:
-        value = 0
-        for _start in range(0, record.size, step):
-            part, size = parts[index]
-            value = crc32_combine(value, part, size)
-            index += 1
-        crcs.append(value)
+    crcs = [0] * len(records)
+    for piece, value in sorted(done, key=lambda pair: (pair[0].index, pair[0].start)):
+        crcs[piece.index] = crc32_combine(crcs[piece.index], value, piece.size)
     return crcs
 
 

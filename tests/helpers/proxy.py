@@ -69,7 +69,8 @@ class FaultProxy:
         self._listener.settimeout(0.2)
         self._closing = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.requests: list[tuple[str, str, str]] = []  # (method, target, what happened)
+        # (method, target, bytes its Range header asks for or 0, what happened)
+        self.requests: list[tuple[str, str, int, str]] = []
         self.endpoint = f"http://{HOST}:{self._listener.getsockname()[1]}"
 
     def add(self, fault: Fault) -> Fault:
@@ -128,9 +129,10 @@ class FaultProxy:
             if not head:
                 return
             method, target = head.split(b" ", 2)[:2]
-            fault = self._pick(method.decode(), target.decode(), _range_bytes(head))
+            range_bytes = _range_bytes(head)
+            fault = self._pick(method.decode(), target.decode(), range_bytes)
             what = fault.kind if fault else "forwarded"
-            self.requests.append((method.decode(), target.decode(), what))
+            self.requests.append((method.decode(), target.decode(), range_bytes, what))
             if fault is None or fault.kind == "truncate":
                 limit = fault.truncate_bytes if fault else None
                 self._forward(client, _close_after(head), body, limit)
