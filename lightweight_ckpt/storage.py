@@ -40,6 +40,7 @@ import mmap
 import os
 import posixpath
 import random
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -502,12 +503,19 @@ class _LocalSource:
         os.close(self._fd)
 
 
+_SMALL_READ_BYTES = 4096
+_READ_AHEAD_BYTES = 64 * 1024
+_CACHED_BLOCKS = 16
+
+
 class _FsspecSource:
     """Ranged reads through ``fs.cat_file``: no shared file position, so threads may share it.
 
-    Each range is retried on its own (``call_with_retries``); ``readinto_at`` fetches a large
-    buffer as ``chunk_bytes`` ranges on a pool of ``io_threads``, straight into its slices, so
-    at most ``io_threads * chunk_bytes`` bytes are in flight whatever the buffer's size.
+    Small reads (the zip index: one header per record) are served from 64 KiB read-ahead
+    blocks, a few kept. Each range is retried on its own (``call_with_retries``);
+    ``readinto_at`` fetches a large buffer as ``chunk_bytes`` ranges on a pool of
+    ``io_threads``, straight into its slices, so at most ``io_threads * chunk_bytes`` bytes are
+    in flight whatever the buffer's size.
     """
 
     def __init__(self, url: str, fs: Any, path: str) -> None:
@@ -519,16 +527,36 @@ class _FsspecSource:
             raise IsADirectoryError(path)
         self.size = int(info["size"])
         self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._blocks: dict[int, bytes] = {}
 
     def read_at(self, offset: int, size: int) -> bytes:
         end = min(offset + size, self.size)
         if end <= offset:
             return b""
+        block_start = offset - offset % _READ_AHEAD_BYTES
+        if end - offset <= _SMALL_READ_BYTES and end <= block_start + _READ_AHEAD_BYTES:
+            return self._block(block_start)[offset - block_start : end - block_start]
+        return self._get(offset, end)
+
+    def _get(self, start: int, end: int) -> bytes:
         return bytes(
             call_with_retries(
-                self.url, "reading", lambda: self._fs.cat_file(self._path, start=offset, end=end)
+                self.url, "reading", lambda: self._fs.cat_file(self._path, start=start, end=end)
             )
         )
+
+    def _block(self, start: int) -> bytes:
+        """A cached read-ahead block: index reads (zip headers, directory) are many and tiny."""
+        with self._lock:
+            block = self._blocks.get(start)
+        if block is None:
+            block = self._get(start, min(start + _READ_AHEAD_BYTES, self.size))
+            with self._lock:
+                self._blocks[start] = block
+                while len(self._blocks) > _CACHED_BLOCKS:
+                    del self._blocks[next(iter(self._blocks))]
+        return block
 
     def readinto_at(self, offset: int, buffer: memoryview) -> None:
         step = settings().chunk_bytes

@@ -273,8 +273,6 @@ def test_in_place_load_reads_bound_tensors_twice_and_nothing_else_in_bulk(
     ranges_per_pass = 3 * (WIDTH * WIDTH * 4 // RANGE_BYTES)  # fc1 weight + 2 AdamW moments
     assert sizes.count(RANGE_BYTES) == 2 * ranges_per_pass
     assert max(sizes) == RANGE_BYTES  # never the whole object, never more than one range
-    # the other records (biases, norms, steps, ~30 of them) share a couple of requests; the rest
-    # is the index: its directory, the pickle, and one 30-byte local zip header per record
-    headers = sizes.count(30)
-    assert headers >= 30
-    assert len(sizes) - 2 * ranges_per_pass - headers < 16
+    # the other ~30 records (biases, norms, steps) share a couple of requests, and the index
+    # (directory, one zip header per record, pickle) is read in 64 KiB blocks: a few requests
+    assert len(sizes) - 2 * ranges_per_pass < 12

@@ -1,0 +1,262 @@
+"""Object-store saves and in-place loads: lightweight_ckpt vs plain s3fs/gcsfs, one run, ratios.
+
+The servers are the test suite's: moto (S3) and fake-gcs-server (GCS), each its own process on
+127.0.0.1 (tests/helpers/servers.py). Every (contender, op) runs in a fresh worker process that
+builds the same deterministic state (Linear layers + AdamW moments), measures one call with
+``harness.measure`` (wall time, peak extra client RSS) and checks the loaded values bitwise.
+
+Loads restore in place into a live model and optimizer:
+
+- ``ours``: ``Fabric().load(url, state)``: CRC-verified ranged reads, bound tensors read
+  straight into their memory (two passes over the bound records; see formats/torch_file.py);
+- ``ours-64MiB``: the same with ``LWCKPT_CHUNK_BYTES`` = 64 MiB (fewer, larger ranges: a 4x
+  larger window, for servers where each request is costly);
+- ``ours-old``: the path before ranged in-place loads: read the whole checkpoint into new
+  tensors (verified), then copy them in (``TorchCheckpointIO.load_checkpoint`` +
+  ``load_state_dict``);
+- ``cat+torch.load``: ``fs.cat_file`` the object, ``torch.load`` the bytes, ``load_state_dict``.
+
+Saves: ``ours`` (``Fabric().save``: streamed multipart, atomic), ``open+torch.save``
+(``torch.save`` into ``fs.open(url, "wb")``: streamed, not atomic), ``pipe+torch.save``
+(``torch.save`` into a BytesIO, then ``fs.pipe``).
+
+    python benchmarks/cloud.py --size-mb 512 --stores s3,gs
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import harness
+import torch
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MB = 10**6
+SEED = 1234
+LOADS = ("ours", "ours-64MiB", "ours-old", "cat+torch.load")
+SAVES = ("ours", "open+torch.save", "pipe+torch.save")
+
+
+def build_state(size_mb: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """Linear(d, d) layers whose params + AdamW moments come to about ``size_mb`` MB."""
+    width = 2048
+    layer_bytes = 3 * (width * width + width) * 4  # weight, bias, and two moments of each
+    layers = max(1, round(size_mb * MB / layer_bytes))
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.zeros(1, width)).sum().backward()
+    optimizer.step()
+    generator = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        for tensor in state_tensors(model, optimizer):
+            tensor.copy_(torch.randn(tensor.shape, generator=generator))
+    return model, optimizer
+
+
+def state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every parameter and AdamW moment, in a fixed order."""
+    out = list(model.parameters())
+    for param in model.parameters():
+        moments = optimizer.state[param]
+        out += [moments["exp_avg"], moments["exp_avg_sq"]]
+    return out
+
+
+def digest(model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
+    """SHA-1 over every state tensor's bytes."""
+    sha = hashlib.sha1(usedforsecurity=False)
+    for tensor in state_tensors(model, optimizer):
+        sha.update(tensor.detach().numpy().tobytes())
+    return sha.hexdigest()
+
+
+def options_for(store: str, endpoint: str) -> dict[str, Any]:
+    """fsspec options for the local server of ``store``."""
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    sys.path.insert(0, str(REPO_ROOT))
+    from tests.helpers.servers import gcs_storage_options, s3_storage_options
+
+    return s3_storage_options(endpoint) if store == "s3" else gcs_storage_options(endpoint)
+
+
+def run_worker_op(args: argparse.Namespace) -> dict[str, Any]:
+    """One measured save or load in this (fresh) process."""
+    import fsspec
+
+    from lightweight_ckpt import Fabric
+    from lightweight_ckpt.config import override
+    from lightweight_ckpt.io import TorchCheckpointIO
+
+    options = options_for(args.store, args.endpoint)
+    fs, path = fsspec.core.url_to_fs(args.url, **options)
+    model, optimizer = build_state(args.size_mb)
+    expected = digest(model, optimizer)
+    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    state = {"model": model, "optimizer": optimizer}
+
+    def save() -> None:
+        if args.contender == "ours":
+            Fabric().save(args.url, state, storage_options=options)
+        elif args.contender == "open+torch.save":
+            with fs.open(path, "wb") as file:
+                torch.save(checkpoint, file)
+        else:
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            fs.pipe_file(path, buffer.getvalue())
+
+    def load() -> None:
+        if args.contender == "ours":
+            Fabric().load(args.url, state, storage_options=options)
+            return
+        if args.contender == "ours-64MiB":
+            with override(chunk_bytes=64 * 2**20):
+                Fabric().load(args.url, state, storage_options=options)
+            return
+        if args.contender == "ours-old":
+            loaded = TorchCheckpointIO(options).load_checkpoint(args.url)
+        else:
+            loaded = torch.load(io.BytesIO(fs.cat_file(path)), weights_only=True)
+        model.load_state_dict(loaded["model"])
+        optimizer.load_state_dict(loaded["optimizer"])
+
+    if args.op == "load":
+        with torch.no_grad():
+            for tensor in state_tensors(model, optimizer):
+                tensor.add_(1.0)
+        if digest(model, optimizer) == expected:
+            raise SystemExit("perturbing the state changed nothing")
+    measurement, _ = harness.measure(save if args.op == "save" else load)
+    if args.op == "load" and digest(model, optimizer) != expected:
+        raise SystemExit(f"{args.contender}: the loaded state differs from the saved one")
+    nbytes = sum(t.numel() * t.element_size() for t in state_tensors(model, optimizer))
+    return {**measurement.to_json(), "state_bytes": nbytes}
+
+
+def _worker_args(args: argparse.Namespace, **fields: str) -> list[str]:
+    out = ["--worker", "--size-mb", str(args.size_mb)]
+    for key, value in fields.items():
+        out += [f"--{key}", value]
+    return out
+
+
+def run_store(store: str, args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any]]:
+    """All contenders against one local server; return one row per (op, contender)."""
+    import fsspec
+
+    from tests.helpers.servers import create_bucket, running, start_fake_gcs, start_moto
+
+    rows = []
+    with running(start_moto if store == "s3" else start_fake_gcs, log_dir) as server:
+        options = options_for(store, server.endpoint)
+        bucket = create_bucket(fsspec.filesystem(store, **options), store)
+        common = {"store": store, "endpoint": server.endpoint}
+        for op, names in (("save", SAVES), ("load", LOADS)):
+            for name in names:
+                for rnd in range(args.rounds):
+                    url = f"{store}://{bucket}/{'ours' if op == 'load' else name}.ckpt"
+                    print(f"[{store}] round {rnd + 1}: {op} {name}", file=sys.stderr)
+                    result = harness.run_worker(
+                        Path(__file__),
+                        _worker_args(args, **common, url=url, op=op, contender=name),
+                        extra_pythonpath=[REPO_ROOT],
+                    )
+                    rows.append({"store": store, "op": op, "contender": name, **result})
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[list[object]]:
+    """Median time and worst peak per (store, op, contender), with ratios to the baseline."""
+    table = []
+    keys = sorted({(r["store"], r["op"], r["contender"]) for r in rows}, key=_order)
+    medians = {
+        key: harness.median(
+            [r["seconds"] for r in rows if (r["store"], r["op"], r["contender"]) == key]
+        )
+        for key in keys
+    }
+    for key in keys:
+        store, op, name = key
+        runs = [r for r in rows if (r["store"], r["op"], r["contender"]) == key]
+        state = runs[0]["state_bytes"]
+        peak = max(r["peak_extra_rss"] for r in runs)
+        base = medians[(store, op, "cat+torch.load" if op == "load" else "pipe+torch.save")]
+        table.append(
+            [
+                store,
+                op,
+                name,
+                f"{medians[key]:.2f}",
+                f"{state / MB / medians[key]:.0f}",
+                f"{medians[key] / base:.2f}",
+                f"{peak / harness.MIB:.0f}",
+                f"{100 * peak / state:.0f}%",
+            ]
+        )
+    return table
+
+
+def _order(key: tuple[str, str, str]) -> tuple[str, int, int]:
+    store, op, name = key
+    names = SAVES if op == "save" else LOADS
+    return store, 0 if op == "save" else 1, names.index(name)
+
+
+def orchestrate(args: argparse.Namespace) -> int:
+    """Run every contender against every store; print the table."""
+    sys.path.insert(0, str(REPO_ROOT))
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    rows: list[dict[str, Any]] = []
+    with harness.scratch_dir(args.dir, REPO_ROOT) as log_dir:
+        info = harness.machine_info(log_dir)
+        for store in args.stores.split(","):
+            rows += run_store(store, args, log_dir)
+    state = rows[0]["state_bytes"]
+    print(
+        f"state: {state / MB:.0f} MB (Linear(2048, 2048) layers + AdamW moments); rounds: "
+        f"{args.rounds} (median time, worst peak); servers: local moto / fake-gcs-server  \n"
+        f"machine: {info['cpu']}, {info['cores']} cores, {info['mem_gib']} GiB; "
+        f"torch {torch.__version__}\n"
+    )
+    headers = ["store", "op", "contender", "s", "MB/s", "time vs plain", "peak extra MiB",
+               "peak / state"]  # fmt: skip
+    print(harness.markdown_table(headers, summarize(rows)))
+    if args.json:
+        harness.dump_json(args.json, {"machine": info, "runs": rows}, args)
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Options for the orchestrator and the worker."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--size-mb", type=float, default=512.0, help="state size in MB (default 512)")
+    p.add_argument("--rounds", type=int, default=1, help="rounds per contender (median shown)")
+    p.add_argument("--stores", default="s3,gs", help="comma list of s3, gs")
+    p.add_argument("--dir", type=Path, default=None, help="scratch dir for server logs")
+    p.add_argument("--json", type=Path, default=None, help="also write raw results here")
+    worker = p.add_argument_group("worker (internal)")
+    for name in ("worker",):
+        worker.add_argument(f"--{name}", action="store_true", help=argparse.SUPPRESS)
+    for name in ("store", "endpoint", "url", "op", "contender", "result"):
+        worker.add_argument(f"--{name}", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Orchestrator by default; one measurement with ``--worker``."""
+    args = parse_args(argv)
+    if not args.worker:
+        return orchestrate(args)
+    harness.write_result(args.result, run_worker_op(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
