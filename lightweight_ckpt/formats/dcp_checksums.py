@@ -191,6 +191,14 @@ def _fsync(path: str) -> None:
 # -- verify -------------------------------------------------------------------------------------
 
 
+_PARSED: dict[tuple[str, ...], dict[str, Any]] = {}
+"""Parsed records by (filesystem, path, size, modification stamp): readers that fetch one tensor
+per call (``consolidate``, entry by entry) would otherwise parse a whole record per tensor. A
+changed file has a new stamp, so a stale entry is never used."""
+_PARSED_MAX = 16
+_PARSED_LOCK = threading.Lock()
+
+
 def read_record(location: Location, relative: str) -> dict[str, Any]:
     """Return the checksum record of the piece at ``relative`` (to the checkpoint's root).
 
@@ -199,10 +207,15 @@ def read_record(location: Location, relative: str) -> dict[str, Any]:
     """
     path = record_path(posixpath.join(location.path, relative))
     try:
+        info = location.fs.info(path)
+        stamp = info.get("mtime", info.get("ETag", info.get("LastModified", info.get("created"))))
+        key = (location.protocol, path, str(info.get("size")), str(stamp))
+        if stamp is not None and key in _PARSED:
+            return _PARSED[key]
         with location.fs.open(path, "rb") as file:
             record = json.loads(file.read())
         rows = {int(offset): (int(length), int(crc)) for offset, length, crc in record["items"]}
-        return {"size": int(record["size"]), "items": rows}
+        parsed = {"size": int(record["size"]), "items": rows}
     except FileNotFoundError as err:
         raise CorruptCheckpointError(
             f"{location.url}: the checksum record of piece {relative} is missing "
@@ -212,6 +225,12 @@ def read_record(location: Location, relative: str) -> dict[str, Any]:
         raise CorruptCheckpointError(
             f"{location.url}: the checksum record of piece {relative} is unreadable: {err}"
         ) from err
+    if stamp is not None:
+        with _PARSED_LOCK:
+            while len(_PARSED) >= _PARSED_MAX:
+                _PARSED.pop(next(iter(_PARSED)))
+            _PARSED[key] = parsed
+    return parsed
 
 
 def check_items(location: Location, relative: str, wanted: list[tuple[str, int, int]]) -> list[str]:
