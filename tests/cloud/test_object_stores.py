@@ -185,7 +185,8 @@ def _sharded_layout(store: Store, prefix: str) -> list[str]:
     versions = {key.split("/")[0] for key in keys if key.startswith("v-")}
     assert len(versions) == 1, keys
     (version,) = versions
-    assert sorted(keys) == [".metadata", f"{version}/__0_0.distcp"]
+    # the piece and its checksum record, committed by .metadata
+    assert sorted(keys) == [".metadata", f"{version}/__0_0.distcp", f"{version}/__0_0.distcp.crc32"]
     return keys
 
 
@@ -194,7 +195,7 @@ def test_sharded_save_and_load_in_one_process(store: Store) -> None:
     model, optimizer = _trained_mlp()
     fabric = Fabric(strategy=FSDPStrategy())
     fabric.save(url, {"model": model, "optimizer": optimizer, "step": 2}, **_opts(store))
-    _sharded_layout(store, "run/sharded")  # .metadata and one piece in one version folder
+    _sharded_layout(store, "run/sharded")  # .metadata and one piece (+ CRCs) in one version
 
     expected_model = snapshot(model)
     expected_optimizer = snapshot(optimizer)
