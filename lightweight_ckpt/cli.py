@@ -4,8 +4,8 @@
 tensor data (single-file and sharded checkpoints and safetensors files, local or URL).
 
 ``verify PATH``: check every record's CRC32 of a single-file checkpoint (exit 1 if any is
-damaged); for a sharded checkpoint, that ``.metadata`` reads and every piece it names exists
-and is long enough (DCP pieces carry no checksums).
+damaged); for a sharded checkpoint, that ``.metadata`` reads, every piece it names exists and is
+long enough, and every stored item matches the CRC32 in its piece's checksum record.
 
 ``consolidate SRC DST``: turn a sharded (DCP) checkpoint into one ``torch.load``-able file in
 one process, with no process group. Tensors are read one at a time right before they are
@@ -45,10 +45,16 @@ from lightweight_ckpt.convert import convert
 from lightweight_ckpt.diff import DiffReport, diff_checkpoints
 from lightweight_ckpt.entries import read_skeleton, verify_file
 from lightweight_ckpt.errors import CheckpointError
-from lightweight_ckpt.formats import dcp_dir, torch_file
+from lightweight_ckpt.formats import dcp_dir, torch_file, xla_shards
 from lightweight_ckpt.manager.orphans import DEFAULT_OLDER_THAN_S, find_orphans, remove_orphans
 from lightweight_ckpt.progress import progress_bar, wants_progress
-from lightweight_ckpt.storage import open_source, resolve, staged_write
+from lightweight_ckpt.storage import (
+    abort_incomplete_uploads,
+    incomplete_uploads,
+    open_source,
+    resolve,
+    staged_write,
+)
 
 log = logging.getLogger("lightweight_ckpt")
 
@@ -80,6 +86,12 @@ def consolidate(
         CheckpointError: ``src`` is not a committed sharded checkpoint, or writing ``dst`` failed.
     """
     source = resolve(src, src_options)
+    if xla_shards.is_xla_sharded(source):  # XLA-FSDP shards, joined through their metadata
+        target = resolve(dst, dst_options)
+        nbytes, dropped = xla_shards.consolidate_dir(source, target, weights_only)
+        if dropped:
+            log.warning("%s: XLA FSDP optimizer state %s left out (flattened shards)", src, dropped)
+        return nbytes
     metadata = dcp_dir.read_metadata(source, src_options)
     tree = dcp_dir.skeleton(metadata)
     tensors = dcp_dir.tensors_of(tree, metadata)
@@ -93,7 +105,9 @@ def consolidate(
         def fill(storage: torch.UntypedStorage) -> None:
             name = by_storage.get(storage.data_ptr())
             if name is not None:
-                dcp_dir.read_items(source, src_options, {name: tensors[name]}, weights_only)
+                dcp_dir.read_items(
+                    source, src_options, {name: tensors[name]}, weights_only, metadata=metadata
+                )
                 advance(storage.nbytes())
 
         with staged_write(resolve(dst, dst_options)) as sink:
@@ -183,9 +197,7 @@ def verify_checkpoint(
     """
     location = resolve(path, options)
     if dcp_dir.is_sharded(location):
-        problems = dcp_dir.check_pieces(location, options)
-        checked = len(dcp_dir.read_metadata(location, options).state_dict_metadata)
-        what = "sharded: metadata and piece sizes (DCP pieces carry no checksums)"
+        problems, checked, what = dcp_dir.verify(location, options)
     else:
         source = open_source(location)
         try:
@@ -245,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     for command in (cons, commands.choices["verify"]):
         command.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_tool_commands(commands)
+    _add_clean_uploads(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = _options(args.storage_option)
@@ -406,4 +419,44 @@ def _run_gc(args: argparse.Namespace, options: dict[str, Any]) -> int:
     return 0
 
 
-_TOOLS = {"convert": _run_convert, "diff": _run_diff, "gc": _run_gc}
+def _add_clean_uploads(commands: Any) -> None:
+    clean = commands.add_parser(
+        "clean-uploads", help="list (or --abort) S3 multipart uploads left by killed saves"
+    )
+    clean.add_argument("url", help="s3://bucket/prefix: uploads whose key starts with it")
+    clean.add_argument(
+        "--older-than",
+        type=float,
+        default=DEFAULT_OLDER_THAN_S,
+        metavar="SECONDS",
+        help="only uploads started this long ago (default 3600: a running save is younger)",
+    )
+    clean.add_argument("--abort", action="store_true", help="abort them (default: only list)")
+    clean.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+    clean.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def _run_clean_uploads(args: argparse.Namespace, options: dict[str, Any]) -> int:
+    location = resolve(args.url, options)
+    find = abort_incomplete_uploads if args.abort else incomplete_uploads
+    uploads = find(location, args.older_than)
+    if args.json:
+        rows = [
+            {"url": u.url, "upload_id": u.upload_id, "initiated": str(u.initiated)} for u in uploads
+        ]
+        print(json.dumps({"url": args.url, "aborted": args.abort, "uploads": rows}, indent=2))  # noqa: T201
+        return 0
+    for upload in uploads:
+        action = "aborted" if args.abort else "incomplete"
+        print(f"{action} {upload.url} (upload {upload.upload_id}, started {upload.initiated})")  # noqa: T201
+    hint = "" if args.abort or not uploads else "; pass --abort to abort them"
+    print(f"{args.url}: {len(uploads)} incomplete multipart uploads{hint}")  # noqa: T201
+    return 0
+
+
+_TOOLS = {
+    "convert": _run_convert,
+    "diff": _run_diff,
+    "gc": _run_gc,
+    "clean-uploads": _run_clean_uploads,
+}

@@ -7,6 +7,7 @@
 from lightweight_ckpt.io.async_io import AsyncCheckpointIO
 from lightweight_ckpt.io.base import CheckpointIO, CheckpointReader, LoadedReader
 from lightweight_ckpt.io.torch_io import TorchCheckpointIO
+from lightweight_ckpt.io.xla_io import XLACheckpointIO
 
 __all__ = [
     "AsyncCheckpointIO",
@@ -14,4 +15,5 @@ __all__ = [
     "CheckpointReader",
     "LoadedReader",
     "TorchCheckpointIO",
+    "XLACheckpointIO",
 ]

@@ -14,9 +14,12 @@ tensor under several keys (tied weights) is copied once and stays shared, as in 
 - A failure in the background is raised by the next ``save_checkpoint``, ``wait()`` or
   ``teardown()``, and logged at interpreter exit if nobody saw it. Never lost.
 - The commit stays the wrapped IO's: the checkpoint appears only when fully written.
-- Sharded saves run their collectives on the caller's thread (DCP's collectives must not race
-  the training loop's on the same process group): they wait for pending saves and then save
-  synchronously.
+- Sharded saves: ``stage`` snapshots this rank's piece (local shards of DTensors and
+  ShardedTensors) on the caller, in a step every rank agrees on; the worker then writes it with
+  DCP, whose collectives run on a gloo group of this IO's own, created once at the first sharded
+  save (never the training loop's group from another thread). Rank 0 commits ``.metadata`` only
+  after every rank's piece is durable; the versions it replaced go after that commit. A new
+  sharded save waits for the previous one.
 
 A thread, not a process: the write is file I/O, CRC32s and ``torch.save``'s C++ writer, which
 mostly release the GIL, and a thread shares the snapshot without pickling it to another process.
@@ -33,10 +36,11 @@ import threading
 import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from lightweight_ckpt.formats import dcp_staging
 from lightweight_ckpt.io.base import CheckpointIO, CheckpointReader
 from lightweight_ckpt.io.torch_io import TorchCheckpointIO
 
@@ -108,12 +112,25 @@ def _host_buffer(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class _Slot:
-    """Marks where a tensor was in the checkpoint tree."""
+    """Marks where a tensor was in the checkpoint tree (a sharded one: its local parts)."""
+
+    def __init__(self, rebuild: Any = None, parts: int = 1) -> None:
+        self.rebuild = rebuild
+        self.parts = parts
+
+    def fill(self, buffers: Any) -> Any:
+        if self.rebuild is None:
+            return next(buffers)
+        return self.rebuild([next(buffers) for _ in range(self.parts)])
 
 
 def _replace_tensors(tree: Any, found: list[torch.Tensor]) -> Any:
     """Copy the tree's containers, deep-copy plain values, and put slots where tensors were."""
     if isinstance(tree, torch.Tensor):
+        sharded = dcp_staging.split_sharded(tree)  # DTensor / ShardedTensor: copy local parts
+        if sharded is not None:
+            found.extend(sharded[0])
+            return _Slot(sharded[1], len(sharded[0]))
         found.append(tree)
         return _Slot()
     if isinstance(tree, dict):
@@ -125,7 +142,7 @@ def _replace_tensors(tree: Any, found: list[torch.Tensor]) -> Any:
 
 def _fill_tensors(tree: Any, buffers: Any) -> Any:
     if isinstance(tree, _Slot):
-        return next(buffers)
+        return tree.fill(buffers)
     if isinstance(tree, dict):
         return type(tree)((k, _fill_tensors(v, buffers)) for k, v in tree.items())
     if isinstance(tree, list | tuple) and not hasattr(tree, "_fields"):
@@ -150,6 +167,8 @@ class AsyncCheckpointIO(CheckpointIO):
         self._executor: ThreadPoolExecutor | None = None
         self._errors: list[tuple[str, BaseException]] = []
         self._lock = threading.Lock()
+        self._staged: tuple[_Snapshot, Checkpoint] | None = None  # sharded: staged, not written
+        self._group: Any = None  # the background sharded saves' own process group
         atexit.register(_report_at_exit, weakref.ref(self))
 
     # -- saving ------------------------------------------------------------------------------
@@ -243,8 +262,17 @@ class AsyncCheckpointIO(CheckpointIO):
         self.checkpoint_io.remove_checkpoint(path)
 
     def stage(self, checkpoint: Checkpoint) -> Checkpoint:
-        """Stage through the wrapped IO (XLA moves to the CPU there)."""
-        return self.checkpoint_io.stage(checkpoint)
+        """Snapshot into the next free slot's host buffers (after the wrapped IO's stage).
+
+        The sharded save that follows writes this snapshot: strategies stage in a step every
+        rank agrees on, so a failed copy fails the save everywhere before any write starts.
+        """
+        slot = self._slots[0]
+        if slot.future is not None:
+            self._settle(slot.future)  # back-pressure: the oldest slot must be free
+        self._slots.rotate(-1)
+        self._staged = (slot, slot.copy(self.checkpoint_io.stage(checkpoint)))
+        return self._staged[1]
 
     def is_sharded(self, path: StrPath, storage_options: StorageOptions | None = None) -> bool:
         """Wait for pending saves, then ask the wrapped IO."""
@@ -254,7 +282,10 @@ class AsyncCheckpointIO(CheckpointIO):
     def prepare_sharded(
         self, path: StrPath, version: str, storage_options: StorageOptions | None = None
     ) -> None:
-        """Sharded saves are synchronous: wait for pending saves first."""
+        """Wait for pending saves, then prepare; a failure raises here, in an agreed step.
+
+        One sharded save at a time: a pending save's clean-up must not meet this version.
+        """
         self.wait()
         self.checkpoint_io.prepare_sharded(path, version, storage_options)
 
@@ -265,14 +296,57 @@ class AsyncCheckpointIO(CheckpointIO):
         version: str,
         storage_options: StorageOptions | None = None,
     ) -> None:
-        """Save this rank's piece synchronously (collectives stay on the caller's thread)."""
-        self.checkpoint_io.save_sharded(checkpoint, path, version, storage_options)
+        """Write this rank's piece in the background, from its host snapshot (``stage``).
+
+        Raises:
+            CheckpointError: an earlier background save failed (raised here, once).
+        """
+        self._raise_errors()
+        if self._staged is None or self._staged[1] is not checkpoint:
+            self.stage(checkpoint)  # a caller that did not stage first
+        slot, staged = cast("tuple[_Snapshot, Checkpoint]", self._staged)
+        self._staged = None
+        if self._group is None:  # every rank gets here, in the same order: a collective is safe
+            self._group = dcp_staging.new_background_group()
+        executor = self._executor or ThreadPoolExecutor(1, thread_name_prefix="lwckpt-async")
+        self._executor = executor
+        slot.future = executor.submit(self._write_sharded, staged, path, version, storage_options)
+
+    def _write_sharded(
+        self, checkpoint: Checkpoint, path: StrPath, version: str, options: StorageOptions | None
+    ) -> None:
+        try:
+            with dcp_staging.collectives_on(self._group):
+                self.checkpoint_io.save_sharded(checkpoint, path, version, options)
+        except BaseException as err:
+            with self._lock:
+                self._errors.append((str(path), err))
+            raise
 
     def finish_sharded(
         self, path: StrPath, version: str, storage_options: StorageOptions | None = None
     ) -> None:
-        """Remove replaced versions through the wrapped IO."""
-        self.checkpoint_io.finish_sharded(path, version, storage_options)
+        """Once the last sharded save has committed, remove the versions it replaced."""
+        slot = self._slots[-1]  # the slot the last save used
+        if self._executor is None or slot.future is None:
+            self.checkpoint_io.finish_sharded(path, version, storage_options)
+            return
+        written = slot.future
+        slot.future = self._executor.submit(
+            self._finish_sharded, written, path, version, storage_options
+        )
+
+    def _finish_sharded(
+        self, written: Future[None], path: StrPath, version: str, options: StorageOptions | None
+    ) -> None:
+        if written.exception() is not None:  # done (one worker); its failure is recorded
+            return  # nothing was committed, so nothing was replaced: keep every version
+        try:
+            self.checkpoint_io.finish_sharded(path, version, options)
+        except BaseException as err:
+            with self._lock:
+                self._errors.append((str(path), err))
+            raise
 
     def read_sharded_metadata(
         self, path: StrPath, storage_options: StorageOptions | None = None
@@ -303,6 +377,8 @@ class AsyncCheckpointIO(CheckpointIO):
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+            dcp_staging.release_background_group(self._group)
+            self._group = None
             self.checkpoint_io.teardown()
 
 

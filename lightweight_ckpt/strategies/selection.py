@@ -10,19 +10,24 @@ from lightweight_ckpt.strategies.base import Strategy
 from lightweight_ckpt.strategies.ddp import DDPStrategy
 from lightweight_ckpt.strategies.fsdp import FSDPStrategy
 from lightweight_ckpt.strategies.single_device import SingleDeviceStrategy
+from lightweight_ckpt.strategies.xla import XLAStrategy, is_xla_runtime
+from lightweight_ckpt.strategies.xla_fsdp import XLAFSDPStrategy, find_xla_fsdp
 
 if TYPE_CHECKING:
     from lightweight_ckpt.io import CheckpointIO
     from lightweight_ckpt.types import State
 
 STRATEGY_NAMES = ("auto", "single_device", "ddp", "fsdp", "xla", "xla_fsdp")
-_NOT_YET = ("xla", "xla_fsdp")
 
 
 def auto_strategy_name(state: State | None) -> str:
     """The strategy ``"auto"`` means for this environment and ``state``."""
+    if state and find_xla_fsdp(state):
+        return "xla_fsdp"
     if state and find_sharded(state):
         return "fsdp"
+    if is_xla_runtime():
+        return "xla"
     return "ddp" if collectives.world_size() > 1 else "single_device"
 
 
@@ -32,12 +37,14 @@ def select_strategy(
     """Return the strategy for ``strategy`` with ``checkpoint_io`` plugged in.
 
     A ``Strategy`` instance is used as is; a ``checkpoint_io`` given beside it replaces its IO.
-    ``"auto"``: FSDP if a module in ``state`` is sharded (FSDP1 or FSDP2), else DDP in a process
+    ``"auto"``: XLA FSDP if a module in ``state`` is an ``XlaFullyShardedDataParallel``, FSDP
+    if one is sharded (FSDP1 or FSDP2), XLA once torch_xla is imported, else DDP in a process
     group of more than one rank, else single device.
 
     Raises:
         TypeError: ``strategy`` is neither a name nor a ``Strategy``.
-        ValueError: an unknown name, or one this version does not provide yet.
+        ValueError: an unknown name.
+        ModuleNotFoundError: ``"xla"`` / ``"xla_fsdp"`` without torch_xla (names the extra).
     """
     if isinstance(strategy, Strategy):
         if checkpoint_io is not None:
@@ -49,11 +56,10 @@ def select_strategy(
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {list(STRATEGY_NAMES)}")
     if strategy == "auto":
         strategy = auto_strategy_name(state)
-    if strategy in _NOT_YET:
-        raise ValueError(
-            f"strategy {strategy!r} is not available in this version of lightweight_ckpt; "
-            "'single_device', 'ddp' and 'fsdp' are."
-        )
+    if strategy == "xla":
+        return XLAStrategy(checkpoint_io)
+    if strategy == "xla_fsdp":
+        return XLAFSDPStrategy(checkpoint_io)
     if strategy == "ddp":
         return DDPStrategy(checkpoint_io)
     if strategy == "fsdp":
