@@ -17,7 +17,8 @@ parallel (``io_threads`` GETs of at most ``chunk_bytes`` in flight, so memory st
 Transient failures. s3fs retries most transport errors itself (botocore retries connection
 errors and 5xx, then s3fs's own wrapper 5 times over ~2 s; ``retries=`` and
 ``config_kwargs={"retries": ..., "read_timeout": ...}`` tune them), and gcsfs retries
-connection errors, 408/429/5xx 6 times with 1-32 s backoffs. What escapes them (an endpoint
+connection errors, 408/429/5xx 6 times with 1-32 s backoffs (``requests_timeout=`` bounds each
+request; without it a stalled read waits on aiohttp's default). What escapes them (an endpoint
 down for longer than botocore's few attempts, a stall past the read timeout, a payload cut
 short after the last retry) is retried here, per ranged read and per whole save (a save is
 re-streamed from its first byte into a fresh upload: a failed upload is aborted, so no partial

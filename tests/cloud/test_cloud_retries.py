@@ -76,6 +76,8 @@ def _proxied(request: pytest.FixtureRequest, protocol: str) -> Iterator[Proxied]
                     "connect_timeout": 2,
                     "read_timeout": 2,
                 }
+            else:
+                options["requests_timeout"] = 2  # seconds per request (aiohttp)
             with override(retry_attempts=3, retry_backoff_s=0.05, chunk_bytes=RANGE_BYTES):
                 yield Proxied(store, proxy, options)
 
@@ -116,8 +118,6 @@ def test_transient_fault_during_save_is_retried(proxied: Proxied, kind: str) -> 
 
 @pytest.mark.parametrize("kind", ["drop", "status", "truncate", "stall"])
 def test_transient_fault_during_load_is_retried(proxied: Proxied, kind: str) -> None:
-    if kind == "stall" and proxied.protocol == "gs":
-        pytest.skip("gcsfs waits minutes on a stalled read; its timeout is not per request")
     url = proxied.store.url("last.ckpt")
     state = _save_direct(proxied, url)
     fault = proxied.proxy.add(
@@ -276,3 +276,17 @@ def test_in_place_load_reads_bound_tensors_twice_and_nothing_else_in_bulk(
     # the other ~30 records (biases, norms, steps) share a couple of requests, and the index
     # (directory, one zip header per record, pickle) is read in 64 KiB blocks: a few requests
     assert len(sizes) - 2 * ranges_per_pass < 12
+
+
+def test_the_deadline_bounds_the_retries(proxied_s3: Proxied) -> None:
+    """No new attempt starts past ``retry_deadline_s``, however many attempts are allowed."""
+    url = proxied_s3.store.url("last.ckpt")
+    _save_direct(proxied_s3, url)
+    fault = proxied_s3.proxy.add(Fault("status", times=None, **DATA_GET))
+    with (
+        override(retry_attempts=50, retry_backoff_s=0.2, retry_deadline_s=0.0),
+        pytest.raises(CheckpointReadError) as info,
+    ):
+        Fabric().load(url, storage_options=proxied_s3.options)
+    assert str(info.value).startswith(f"{url}: reading failed after 1 attempt in ")
+    assert fault.hits >= 1  # it failed on the data, and that range was not tried again
