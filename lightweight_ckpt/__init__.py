@@ -8,6 +8,7 @@ module: ``fabric`` → ``strategies`` → ``io`` → ``formats`` → ``storage``
 from lightweight_ckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
+    CheckpointReadError,
     CheckpointWriteError,
     CorruptCheckpointError,
     InvalidCheckpointError,
@@ -25,6 +26,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointManager",
     "CheckpointNotFoundError",
+    "CheckpointReadError",
     "CheckpointWriteError",
     "CorruptCheckpointError",
     "EntryReport",
