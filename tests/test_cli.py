@@ -13,6 +13,7 @@ import torch
 from lightweight_ckpt import Fabric
 from lightweight_ckpt.io import TorchCheckpointIO
 from tests.helpers.asserts import assert_states_equal
+from tests.helpers.processes import run_cli as _cli
 
 TENSORS = 8
 TENSOR_MB = 24
@@ -99,16 +100,6 @@ def test_consolidate_errors(tmp_path: Path) -> None:
     assert "not a sharded checkpoint" in result.stderr
     assert str(tmp_path / "empty") in result.stderr
     assert not (tmp_path / "x.pt").exists()
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lightweight_ckpt", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def _flip_tensor_byte(path: Path) -> None:

@@ -22,6 +22,7 @@ from lightweight_ckpt.io import TorchCheckpointIO
 from lightweight_ckpt.state import iter_tensors
 from tests.helpers.asserts import assert_states_differ, assert_states_equal
 from tests.helpers.models import make_state
+from tests.helpers.processes import run_cli as cli
 
 
 class TiedLM(nn.Module):
@@ -33,16 +34,6 @@ class TiedLM(nn.Module):
         self.block = nn.Linear(8, 8)
         self.head = nn.Linear(8, 16, bias=False)
         self.head.weight = self.embed.weight
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lightweight_ckpt", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def flat(state: dict[str, Any]) -> dict[str, torch.Tensor]:

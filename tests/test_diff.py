@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,16 +15,7 @@ from lightweight_ckpt.cli import consolidate
 from lightweight_ckpt.convert import convert
 from lightweight_ckpt.diff import compare_tensors, diff_checkpoints
 from lightweight_ckpt.io import TorchCheckpointIO
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lightweight_ckpt", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+from tests.helpers.processes import run_cli as cli
 
 
 def base_state() -> dict[str, object]:

@@ -18,18 +18,9 @@ from lightweight_ckpt.cli import consolidate
 from lightweight_ckpt.formats import dcp_dir
 from lightweight_ckpt.io import TorchCheckpointIO
 from lightweight_ckpt.manager.orphans import find_orphans, remove_orphans
+from tests.helpers.processes import run_cli as cli
 
 HOUR = 3600
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lightweight_ckpt", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def age(path: Path, seconds: float) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 
 
 def finish(proc: subprocess.Popen[str], timeout_s: float) -> str:
@@ -22,3 +23,14 @@ def kill(*procs: subprocess.Popen[str]) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def run_cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m lightweight_ckpt ARGS`` and return its result (never raises on exit code)."""
+    return subprocess.run(
+        [sys.executable, "-m", "lightweight_ckpt", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
