@@ -145,7 +145,8 @@ def _open_sharded(
     names = {id(tensor): fqn for fqn, tensor in dcp_dir.tensors_of(tree, metadata).items()}
 
     def fill(tensor: torch.Tensor) -> None:
-        dcp_dir.read_items(location, storage_options, {names[id(tensor)]: tensor}, weights_only)
+        item = {names[id(tensor)]: tensor}
+        dcp_dir.read_items(location, storage_options, item, weights_only, metadata=metadata)
 
     return OpenCheckpoint(path, "sharded", tree, fill)
 
