@@ -27,6 +27,22 @@ def test_quickstart_runs(tmp_path: Path) -> None:
     assert (tmp_path / "last.ckpt").is_file()
 
 
+def test_async_save_example_checks_save_time_values(tmp_path: Path) -> None:
+    script = str(ROOT / "examples" / "async_save.py")
+    result = subprocess.run(
+        [sys.executable, script, "--dir", str(tmp_path), "--steps", "20", "--every", "5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "async_save: all steps passed" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"step-{n:04d}.ckpt" for n in (5, 10, 15, 20)
+    ]
+
+
 def _free_port() -> int:
     import socket
 
