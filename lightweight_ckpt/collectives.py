@@ -57,11 +57,14 @@ class RankFailedError(CheckpointError, RuntimeError):
     """Another rank failed the step this rank was part of."""
 
 
-def run_on_all_ranks(step: str, fn: Callable[[], T]) -> T:
+def run_on_all_ranks(
+    step: str, fn: Callable[[], T], on_abort: Callable[[T], object] | None = None
+) -> T:
     """Run ``fn`` on every rank; if it raised on any rank, raise on every rank.
 
     The rank that failed re-raises its own exception; the others raise ``RankFailedError`` naming
-    the failed ranks and their messages.
+    the failed ranks and their messages, after handing their own result to ``on_abort`` (to
+    release what it holds, e.g. an open reader).
     """
     error: BaseException | None = None
     result: T | None = None
@@ -75,6 +78,8 @@ def run_on_all_ranks(step: str, fn: Callable[[], T]) -> T:
         dist.all_gather_object(outcomes, outcome)
         failed = {rank: msg for rank, msg in enumerate(outcomes) if msg is not None}
         if failed and error is None:
+            if on_abort is not None:
+                on_abort(result)  # type: ignore[arg-type]
             raise RankFailedError(f"{step} failed on rank(s) {sorted(failed)}: {failed}")
     if error is not None:
         raise error

@@ -13,9 +13,14 @@ state dicts are produced and restored by overriding small hooks, never the pipel
 Save: check → agree on the path → collect (convert + filter) → ``write``; a failure on any rank
 raises on every rank.
 
-Load, single file: open a staged reader → ``plan_restore`` (checks everything, changes nothing)
-→ ``verify`` (CRC32, fill the reader's own tensors) → ``apply_restore`` (user objects first,
-then ``fill`` reads into the targets, then the rest).
+Load, single file, in two steps agreed by every rank: (1) open a staged reader →
+``plan_restore`` (checks everything, changes nothing) → ``verify`` (CRC32, fill the reader's own
+tensors); (2) only when every rank passed (1): ``apply_restore`` (user objects first, then
+``fill`` reads into the targets, then the rest). A damaged file or a mismatched state on one rank
+therefore changes no rank's state.
+
+Ranks coordinate through two hooks, ``run_on_all_ranks`` and ``broadcast_object``
+(``torch.distributed`` through ``collectives`` by default; XLA replicas use their runtime).
 
 Load, sharded directory: read the metadata → check keys and shapes → build a template from the
 hooks (sharded where the modules are) → DCP fills it → ``apply_restore``.
@@ -23,7 +28,8 @@ hooks (sharded where the modules are) → DCP fills it → ``apply_restore``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, cast, final
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar, cast, final
 
 import torch
 from torch import nn
@@ -32,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_op
 from lightweight_ckpt import collectives
 from lightweight_ckpt.errors import InvalidCheckpointError
 from lightweight_ckpt.formats.dcp_dir import skeleton, top_level_keys
-from lightweight_ckpt.io import CheckpointIO, TorchCheckpointIO
+from lightweight_ckpt.io import CheckpointIO, CheckpointReader, TorchCheckpointIO
 from lightweight_ckpt.state import (
     RAW_KEY,
     LoadReport,
@@ -63,6 +69,23 @@ if TYPE_CHECKING:
     )
 
 
+T = TypeVar("T")
+
+
+@dataclass
+class OpenFile:
+    """A checkpoint file that is checked and verified on this rank; nothing restored yet."""
+
+    reader: CheckpointReader
+    checkpoint: Any
+    plan: RestorePlan | None
+    accepted: set[int]
+
+    def close(self) -> None:
+        """Release the reader (another rank failed: nothing is restored)."""
+        self.reader.close()
+
+
 class Strategy:
     """Decide who writes and reads a checkpoint, in which layout; run the shared pipeline.
 
@@ -89,6 +112,16 @@ class Strategy:
     def is_global_zero(self) -> bool:
         """True on rank 0."""
         return self.global_rank == 0
+
+    def run_on_all_ranks(
+        self, step: str, fn: Callable[[], T], on_abort: Callable[[T], object] | None = None
+    ) -> T:
+        """Run ``fn`` on every rank; a failure on any raises on all (see ``collectives``)."""
+        return collectives.run_on_all_ranks(step, fn, on_abort)
+
+    def broadcast_object(self, obj: T) -> T:
+        """Return rank 0's ``obj`` on every rank."""
+        return collectives.broadcast_object(obj)
 
     def barrier(self) -> None:
         """Wait for every rank."""
@@ -163,9 +196,9 @@ class Strategy:
     ) -> None:
         """Collect ``state``, apply ``filter`` and write it; raise on every rank if any failed."""
         self.check_state(state)
-        path = collectives.broadcast_object(path)  # rank 0's path wins, as in Lightning
+        path = self.broadcast_object(path)  # rank 0's path wins, as in Lightning
         checkpoint = collect(state, filter or {}, lambda obj: self.convert(obj, state))
-        collectives.run_on_all_ranks("save", lambda: self.write(checkpoint, path, storage_options))
+        self.run_on_all_ranks("save", lambda: self.write(checkpoint, path, storage_options))
 
     @final
     def load(
@@ -183,15 +216,13 @@ class Strategy:
         """
         if state:
             self.check_state(state)
-        path = collectives.broadcast_object(path)
-        opened = collectives.run_on_all_ranks(
+        path = self.broadcast_object(path)
+        opened = self.run_on_all_ranks(
             "open", lambda: self._open_sharded(path, state, strict, storage_options)
         )
         if opened is not None:
             return self._load_sharded(path, opened, weights_only, storage_options)
-        return collectives.run_on_all_ranks(
-            "load", lambda: self._load_file(path, state, strict, weights_only, storage_options)
-        )
+        return self._load_file(path, state, strict, weights_only, storage_options)
 
     def _load_file(
         self,
@@ -203,41 +234,82 @@ class Strategy:
         *,
         raw: bool = False,
     ) -> tuple[Any, LoadReport | None]:
-        """Load one file; with ``raw``, the file is one state dict for ``state[RAW_KEY]``."""
+        """Load one file in two agreed steps: check and verify on every rank, then restore.
+
+        With ``raw``, the file is one state dict for ``state[RAW_KEY]``. Runs on every rank.
+        """
+        opened = self.run_on_all_ranks(
+            "read",
+            lambda: self._open_file(path, state, strict, weights_only, storage_options, raw=raw),
+            on_abort=OpenFile.close,
+        )
+        return self.run_on_all_ranks("restore", lambda: self._restore_file(opened))
+
+    def _open_file(
+        self,
+        path: StrPath,
+        state: State | None,
+        strict: bool,
+        weights_only: bool | None,
+        storage_options: StorageOptions | None,
+        *,
+        raw: bool,
+    ) -> OpenFile:
+        """Open, plan and verify one file on this rank; change nothing the caller owns."""
         reader = self.checkpoint_io.open_checkpoint(
             path,
             map_location=self.map_location,
             weights_only=weights_only,
             storage_options=storage_options,
         )
-        with reader:
-            checkpoint = reader.skeleton()
-            if not state:
-                reader.verify({})
-                reader.fill()
-                return checkpoint, None
-            if not isinstance(checkpoint, dict):
-                hint = "" if raw else " Use load_raw() for a file of one state dict."
-                raise InvalidCheckpointError(
-                    f"{path}: holds a {type(checkpoint).__name__}, not a dict.{hint}"
-                )
-            plan = plan_restore(
-                str(path),
-                state,
-                {RAW_KEY: checkpoint} if raw else checkpoint,
-                strict,
-                target_of=self.module_target,
-                group_sizes=self._sizes(state),
+        try:
+            return self._check_file(reader, path, state, strict, raw=raw)
+        except BaseException:
+            reader.close()
+            raise
+
+    def _check_file(
+        self,
+        reader: CheckpointReader,
+        path: StrPath,
+        state: State | None,
+        strict: bool,
+        *,
+        raw: bool,
+    ) -> OpenFile:
+        checkpoint = reader.skeleton()
+        if not state:
+            return OpenFile(reader, checkpoint, None, reader.verify({}))
+        if not isinstance(checkpoint, dict):
+            hint = "" if raw else " Use load_raw() for a file of one state dict."
+            raise InvalidCheckpointError(
+                f"{path}: holds a {type(checkpoint).__name__}, not a dict.{hint}"
             )
-            accepted = reader.verify({id(b.source): b.target for b in plan.bindings})
+        plan = plan_restore(
+            str(path),
+            state,
+            {RAW_KEY: checkpoint} if raw else checkpoint,
+            strict,
+            target_of=self.module_target,
+            group_sizes=self._sizes(state),
+        )
+        accepted = reader.verify({id(b.source): b.target for b in plan.bindings})
+        return OpenFile(reader, checkpoint, plan, accepted)
+
+    def _restore_file(self, opened: OpenFile) -> tuple[Any, LoadReport | None]:
+        """Restore what ``_open_file`` checked (every rank passed it) and close the reader."""
+        with opened.reader as reader:
+            if opened.plan is None:
+                reader.fill()
+                return opened.checkpoint, None
             remainder = apply_restore(
-                plan,
-                accepted,
+                opened.plan,
+                opened.accepted,
                 self.load_module_state_dict,
                 self.load_optimizer_state_dict,
                 reader.fill,
             )
-        return remainder, plan.report
+        return remainder, opened.plan.report
 
     def _open_sharded(
         self,
@@ -297,7 +369,7 @@ class Strategy:
         for key in plan.checkpoint:
             plan.checkpoint[key] = template[key]
         plan.module_dicts.update({k: template[k] for k in plan.module_dicts})
-        remainder = collectives.run_on_all_ranks(
+        remainder = self.run_on_all_ranks(
             "restore",
             lambda: apply_restore(
                 plan, frozenset(), self.load_module_state_dict, self.load_optimizer_state_dict
@@ -316,10 +388,8 @@ class Strategy:
         storage_options: StorageOptions | None = None,
     ) -> LoadReport:
         """Load a plain state-dict file (``torch.save(model.state_dict())``) into ``obj``."""
-        path = collectives.broadcast_object(path)
-        return collectives.run_on_all_ranks(
-            "load_raw", lambda: self._load_raw(path, obj, strict, weights_only, storage_options)
-        )
+        path = self.broadcast_object(path)
+        return self._load_raw(path, obj, strict, weights_only, storage_options)
 
     def _load_raw(
         self,

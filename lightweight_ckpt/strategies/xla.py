@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from lightweight_ckpt.collectives import RankFailedError
 from lightweight_ckpt.formats.xla_shards import import_torch_xla
@@ -29,8 +29,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from lightweight_ckpt.io import CheckpointIO
-    from lightweight_ckpt.state import LoadReport, RestorePlan
-    from lightweight_ckpt.types import Checkpoint, State, StorageOptions, StrPath
+    from lightweight_ckpt.types import Checkpoint, StorageOptions, StrPath
 
 T = TypeVar("T")
 
@@ -84,12 +83,20 @@ def broadcast(coordinator: Coordinator, tag: str, value: str) -> str:
     return coordinator.exchange(tag, value.encode())[0].decode()
 
 
-def agree(coordinator: Coordinator, step: str, fn: Callable[[], T], *, same: bool = False) -> T:
+def agree(
+    coordinator: Coordinator,
+    step: str,
+    fn: Callable[[], T],
+    *,
+    same: bool = False,
+    on_abort: Callable[[T], object] | None = None,
+) -> T:
     """Run ``fn`` on every replica; if it raised on any, raise on every one.
 
     The replica that failed re-raises its own exception; the others raise ``RankFailedError``
-    naming the failed ordinals and their messages. With ``same``, the (JSON) results must also
-    be equal on every replica, or every replica raises ``RankFailedError``.
+    naming the failed ordinals and their messages, after handing their own result to
+    ``on_abort``. With ``same``, the (JSON) results must also be equal on every replica, or
+    every replica raises ``RankFailedError``.
     """
     error: Exception | None = None
     result: T | None = None
@@ -107,6 +114,8 @@ def agree(coordinator: Coordinator, step: str, fn: Callable[[], T], *, same: boo
     if error is not None:
         raise error
     if failed:
+        if on_abort is not None:
+            on_abort(result)  # type: ignore[arg-type]
         raise RankFailedError(f"{step} failed on XLA replica(s) {sorted(failed)}: {failed}")
     values = {json.dumps(o["value"]) for o in outcomes}
     if same and len(values) > 1:
@@ -162,6 +171,21 @@ class XLAStrategy(Strategy):
         """Return the master ordinal's path on every replica."""
         return broadcast(self.coordinator, "path", os.fspath(path))
 
+    # The shared pipeline's coordination hooks, on the replicas' coordinator (torch.distributed
+    # process groups, which ``collectives`` uses, are not needed by XLA replicas).
+
+    def run_on_all_ranks(
+        self, step: str, fn: Callable[[], T], on_abort: Callable[[T], object] | None = None
+    ) -> T:
+        """Run ``fn`` on every replica; a failure on any raises on all (see ``agree``)."""
+        return agree(self.coordinator, step, fn, on_abort=on_abort)
+
+    def broadcast_object(self, obj: T) -> T:
+        """Return the master ordinal's ``obj`` (a path) on every replica."""
+        if isinstance(obj, (str, os.PathLike)):
+            return self.agreed_path(obj)  # type: ignore[return-value]
+        return obj
+
     def write(
         self, checkpoint: Checkpoint, path: StrPath, storage_options: StorageOptions | None
     ) -> None:
@@ -183,37 +207,3 @@ class XLAStrategy(Strategy):
     ) -> None:
         if self.is_global_zero:
             super().write(checkpoint, path, storage_options)
-
-    # Loads: the shared pipeline, each step agreed between replicas (its own collectives only
-    # know torch.distributed process groups, which XLA replicas do not need).
-
-    def _open_sharded(
-        self,
-        path: StrPath,
-        state: State | None,
-        strict: bool,
-        storage_options: StorageOptions | None,
-    ) -> tuple[Checkpoint, RestorePlan | None] | None:
-        path = self.agreed_path(path)
-        return self.agree(
-            "open",
-            lambda: super(XLAStrategy, self)._open_sharded(path, state, strict, storage_options),
-        )
-
-    def _load_file(
-        self,
-        path: StrPath,
-        state: State | None,
-        strict: bool,
-        weights_only: bool | None,
-        storage_options: StorageOptions | None,
-        *,
-        raw: bool = False,
-    ) -> tuple[Any, LoadReport | None]:
-        path = self.agreed_path(path)
-        return self.agree(
-            "load",
-            lambda: super(XLAStrategy, self)._load_file(
-                path, state, strict, weights_only, storage_options, raw=raw
-            ),
-        )

@@ -276,7 +276,7 @@ class XLAFSDPStrategy(XLAStrategy):
             finally:
                 self._full_load = False
 
-        def load_shard() -> tuple[Any, LoadReport | None]:
+        def locate_shard() -> str:
             if raw:
                 raise InvalidCheckpointError(
                     f"{path}: an XLA-FSDP sharded checkpoint, not a plain state-dict file; "
@@ -289,12 +289,14 @@ class XLAFSDPStrategy(XLAStrategy):
                     f"{self.world_size}. Load at the same world size, or consolidate it "
                     "(python -m lightweight_ckpt consolidate) and load the full file."
                 )
-            shard = _join(path, marker["files"][self.global_rank])
-            loaded, report = Strategy._load_file(
-                self, shard, state, strict, weights_only, storage_options
-            )
-            if isinstance(loaded, dict):
-                loaded.pop(xla_shards.SHARD_METADATA_KEY, None)
-            return loaded, report
+            return _join(path, marker["files"][self.global_rank])
 
-        return self.agree("load", load_shard)
+        shard = self.agree("locate shard", locate_shard)
+        # this replica's shard file, through the shared two-step load (verify on every
+        # replica, then restore), so a damaged shard anywhere changes no replica's state
+        loaded, report = Strategy._load_file(
+            self, shard, state, strict, weights_only, storage_options
+        )
+        if isinstance(loaded, dict):
+            loaded.pop(xla_shards.SHARD_METADATA_KEY, None)
+        return loaded, report

@@ -105,6 +105,34 @@ def test_ddp_failure_on_rank_zero_raises_on_every_rank(tmp_path: Path) -> None:
     run_distributed(_rank_zero_fails, 2, tmp_path, args=(str(tmp_path),))
 
 
+def _rank_one_mismatch(rank: int, world_size: int, directory: str) -> None:
+    path = os.path.join(directory, "ddp.ckpt")
+    model, optimizer = _ddp_state()
+    fabric = Fabric(strategy="ddp")
+    fabric.save(path, {"model": model, "optimizer": optimizer, "step": 2})
+    _perturb(model, optimizer)
+    before = {"model": snapshot(model.module), "optimizer": snapshot(optimizer)}
+    state: dict[str, object] = {"model": model, "optimizer": optimizer, "step": 0}
+    if rank == 1:
+        state["scaler"] = {}  # not in the file: a strict load fails on this rank only
+    with pytest.raises(CheckpointError) as info:
+        fabric.load(path, state)
+    if rank == 0:
+        assert "read failed on rank(s) [1]" in str(info.value)
+    # checked on every rank before any rank restored: no rank's state changed
+    assert state["step"] == 0
+    assert_states_equal(model.module, before["model"])
+    assert_states_equal(optimizer, before["optimizer"])
+    state.pop("scaler", None)
+    fabric.load(path, state)  # the same load without the mismatch restores on every rank
+    assert state["step"] == 2
+    assert_states_differ(model.module, before["model"])
+
+
+def test_ddp_load_failing_on_one_rank_changes_no_rank(tmp_path: Path) -> None:
+    run_distributed(_rank_one_mismatch, 2, tmp_path, args=(str(tmp_path),))
+
+
 def _load_raw(rank: int, world_size: int, path: str) -> None:
     model, _ = _ddp_state()
     expected = torch.load(path, weights_only=True)

@@ -165,8 +165,14 @@ def test_a_load_failing_on_one_replica_raises_on_every_replica(tmp_path) -> None
         fabric = Fabric(strategy=XLAStrategy(coordinator=coordinator))
         fabric.load(path, {"model": targets[rank]})
 
+    before = _cpu(targets[0].state_dict())
     results = run_replicas(2, replica)
     assert isinstance(results[1], StateMismatchError)
     assert path in str(results[1])
     assert isinstance(results[0], RankFailedError)
     assert "replica(s) [1]" in str(results[0])
+    # every replica checked the file before any restored: replica 0's model is unchanged
+    after = _cpu(targets[0].state_dict())
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    saved = torch.load(path, weights_only=True)["model"]
+    assert not all(torch.equal(before[k], saved[k]) for k in before)
