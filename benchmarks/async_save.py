@@ -617,18 +617,12 @@ def render_table(rows: list[dict[str, Any]]) -> str:
     return harness.markdown_table(headers, body)
 
 
-def _parse_contenders(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CONTENDERS]
-    if unknown:
-        raise SystemExit(f"unknown contenders {unknown}; choose from {sorted(CONTENDERS)}")
-    return names
-
-
 def orchestrate(args: argparse.Namespace) -> int:
     """Run all rounds, print the markdown table and optionally dump raw JSON."""
     sys.path.insert(0, str(REPO_ROOT))
-    names, not_run = harness.runnable(_parse_contenders(args.contenders), CONTENDERS)
+    names, not_run = harness.runnable(
+        harness.parse_contenders(args.contenders, CONTENDERS), CONTENDERS
+    )
     width = width_for(args.size_mb, args.layers)
     with harness.scratch_dir(args.dir, REPO_ROOT) as data_dir:
         info = harness.machine_info(data_dir)

@@ -381,6 +381,15 @@ def machine_info(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     }
 
 
+def parse_contenders(text: str, contenders: Mapping[str, Callable[[], Any]]) -> list[str]:
+    """Split a ``--contenders a,b`` value; exit naming any unknown contender."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in contenders]
+    if unknown:
+        raise SystemExit(f"unknown contenders {unknown}; choose from {sorted(contenders)}")
+    return names
+
+
 def runnable(
     requested: Iterable[str], contenders: Mapping[str, Callable[[], Any]]
 ) -> tuple[list[str], dict[str, str]]:

@@ -564,18 +564,10 @@ def render_table(rows: list[dict[str, Any]]) -> str:
     return harness.markdown_table(headers, body)
 
 
-def _parse_contenders(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CONTENDERS]
-    if unknown:
-        raise SystemExit(f"unknown contenders {unknown}; choose from {sorted(CONTENDERS)}")
-    return names
-
-
 def orchestrate(args: argparse.Namespace) -> int:
     """Run all rounds, print the markdown table and optionally dump raw JSON."""
     sys.path.insert(0, str(REPO_ROOT))
-    names, _ = harness.runnable(_parse_contenders(args.contenders), CONTENDERS)
+    names, _ = harness.runnable(harness.parse_contenders(args.contenders, CONTENDERS), CONTENDERS)
     cfg = config_for_size(args.size_mb)
     with harness.scratch_dir(args.dir, REPO_ROOT) as data_dir:
         info = harness.machine_info(data_dir)

@@ -651,20 +651,14 @@ def render_table(rows: list[dict[str, Any]]) -> str:
     return harness.markdown_table(headers, body)
 
 
-def _parse_contenders(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CONTENDERS]
-    if unknown:
-        raise SystemExit(f"unknown contenders {unknown}; choose from {sorted(CONTENDERS)}")
-    return names
-
-
 def orchestrate(args: argparse.Namespace) -> int:
     """Run all rounds, print the markdown table and optionally dump raw JSON."""
     import torch
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per rank (torchrun's default)
-    names, not_run = harness.runnable(_parse_contenders(args.contenders), CONTENDERS)
+    names, not_run = harness.runnable(
+        harness.parse_contenders(args.contenders, CONTENDERS), CONTENDERS
+    )
     cfg = config_for_size(args.size_mb)
     with harness.scratch_dir(args.dir, REPO_ROOT) as data_dir:
         info = harness.machine_info(data_dir)

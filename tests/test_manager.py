@@ -8,7 +8,6 @@ checkpoint's life (through the ``on_checkpoint_event`` hook) and resume in this 
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import logging
@@ -44,14 +43,7 @@ from lightweight_ckpt.manager import (
     CheckpointManager,
 )
 from tests.helpers.distributed import run_distributed
-from tests.helpers.servers import (
-    ServerUnavailable,
-    create_bucket,
-    delete_bucket,
-    running,
-    s3_storage_options,
-    start_moto,
-)
+from tests.helpers.servers import s3_folder
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -584,17 +576,8 @@ def test_memory_dirpath_saves_prunes_and_resumes() -> None:
 @pytest.fixture(scope="module")
 def s3_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, Any]]]:
     """A directory in a fresh bucket on a local S3 server (moto), and its storage options."""
-    pytest.importorskip("s3fs", reason="s3 tests need s3fs (pip install 'lightweight-ckpt[s3]')")
-    with contextlib.ExitStack() as stack:
-        try:
-            server = stack.enter_context(running(start_moto, tmp_path_factory.mktemp("moto")))
-        except ServerUnavailable as err:
-            pytest.skip(f"no local S3 server: {err}")
-        options = s3_storage_options(server.endpoint)
-        fs = fsspec.filesystem("s3", **options)
-        bucket = create_bucket(fs, "s3")
-        yield f"s3://{bucket}/run", options
-        delete_bucket(fs, "s3", bucket)
+    with s3_folder(tmp_path_factory.mktemp("moto"), "run") as found:
+        yield found
 
 
 @pytest.mark.cloud

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,31 +17,15 @@ from lightweight_ckpt.formats import dcp_dir
 from lightweight_ckpt.io import TorchCheckpointIO
 from lightweight_ckpt.manager.orphans import find_orphans, remove_orphans
 from tests.helpers.asserts import assert_states_equal
-from tests.helpers.servers import (
-    ServerUnavailable,
-    create_bucket,
-    delete_bucket,
-    running,
-    s3_storage_options,
-    start_moto,
-)
+from tests.helpers.servers import s3_folder
 
 pytestmark = pytest.mark.cloud
 
 
 @pytest.fixture(scope="module")
 def s3_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, Any]]]:
-    pytest.importorskip("s3fs", reason="s3 tests need s3fs (pip install 'lightweight-ckpt[s3]')")
-    with contextlib.ExitStack() as stack:
-        try:
-            server = stack.enter_context(running(start_moto, tmp_path_factory.mktemp("moto")))
-        except ServerUnavailable as err:
-            pytest.skip(f"no local S3 server: {err}")
-        options = s3_storage_options(server.endpoint)
-        fs = fsspec.filesystem("s3", **options)
-        bucket = create_bucket(fs, "s3")
-        yield f"s3://{bucket}/tools", options
-        delete_bucket(fs, "s3", bucket)
+    with s3_folder(tmp_path_factory.mktemp("moto"), "tools") as found:
+        yield found
 
 
 def test_convert_and_diff_between_s3_objects(s3_dir: tuple[str, dict[str, Any]]) -> None:

@@ -333,3 +333,24 @@ def open_store(
     bucket = create_bucket(fs, protocol)
     yield Store(protocol, server, bucket, fs, options)
     delete_bucket(fs, protocol, bucket)
+
+
+@contextlib.contextmanager
+def s3_folder(log_dir: Path, folder: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``s3://<fresh bucket>/<folder>`` on a local S3 server (moto), and its storage options.
+
+    Skips the calling test when s3fs or the server is not available; deletes the bucket after.
+    """
+    pytest.importorskip("s3fs", reason="s3 tests need s3fs (pip install 'lightweight-ckpt[s3]')")
+    import fsspec
+
+    with contextlib.ExitStack() as stack:
+        try:
+            server = stack.enter_context(running(start_moto, log_dir))
+        except ServerUnavailable as err:
+            pytest.skip(f"no local S3 server: {err}")
+        options = s3_storage_options(server.endpoint)
+        fs = fsspec.filesystem("s3", **options)
+        bucket = create_bucket(fs, "s3")
+        yield f"s3://{bucket}/{folder}", options
+        delete_bucket(fs, "s3", bucket)
