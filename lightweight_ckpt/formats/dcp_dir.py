@@ -8,7 +8,8 @@ fsspec writer lacks, without changing the format:
   every save's pieces into a fresh version folder (``<path>/v-<id>/__<rank>_<n>.distcp``; the
   metadata records that relative path, so stock readers resolve it) and publish ``.metadata``
   last through ``storage.staged_write`` (an atomic replace on every filesystem). Until then the
-  previous checkpoint is intact; afterwards rank 0 removes the previous version's folder.
+  previous checkpoint is intact; afterwards rank 0 removes the replaced version folders on a
+  background thread (``formats.dcp_versions``).
 - **Safe loads.** DCP unpickles ``.metadata`` with plain ``pickle`` and non-tensor values with
   ``weights_only=False``; we read ``.metadata`` through an allowlist of DCP's metadata classes
   and load values with ``weights_only=True``, so a checkpoint cannot run code on load.
@@ -23,12 +24,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import pickle
 import posixpath
-import uuid
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from typing import IO, TYPE_CHECKING, Any, cast
 
 import torch
@@ -51,7 +49,6 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
-from lightweight_ckpt.config import settings
 from lightweight_ckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -61,7 +58,7 @@ from lightweight_ckpt.errors import (
     StateMismatchError,
     UnsafeCheckpointError,
 )
-from lightweight_ckpt.formats import dcp_checksums, dcp_staging
+from lightweight_ckpt.formats import dcp_checksums, dcp_staging, dcp_versions
 from lightweight_ckpt.storage import Location, resolve, staged_write
 
 if TYPE_CHECKING:
@@ -77,7 +74,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("lightweight_ckpt")
 
 METADATA = ".metadata"
-VERSION_PREFIX = "v-"
+
+# version folders live in ``dcp_versions``; io, manager and tests use these names from here
+VERSION_PREFIX = dcp_versions.VERSION_PREFIX
+new_version = dcp_versions.new_version
+prepare = dcp_versions.prepare
+remove_stale_versions = dcp_versions.remove_stale_versions
 
 
 def _distributed() -> bool:
@@ -92,11 +94,6 @@ def _single_process_ok() -> Iterator[None]:
         # pieces go to a fresh version folder; overwriting is our own commit, by design
         warnings.filterwarnings("ignore", message="Detected an existing checkpoint in")
         yield
-
-
-def new_version() -> str:
-    """Return a fresh version folder name (rank 0 picks it; every rank must use the same)."""
-    return f"{VERSION_PREFIX}{uuid.uuid4().hex[:12]}"
 
 
 def is_sharded(location: Location) -> bool:
@@ -151,16 +148,6 @@ class _VersionedWriter(FsspecWriter):
             pickle.dump(metadata, cast("IO[bytes]", sink), protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def prepare(location: Location, version: str) -> None:
-    """Create the version folder on this rank's view of the filesystem."""
-    if location.fs.isfile(location.path):
-        raise CheckpointWriteError(
-            f"{location.url}: a single-file checkpoint is there; a sharded checkpoint is a "
-            "directory. Choose another path or remove the file."
-        )
-    location.fs.makedirs(posixpath.join(location.path, version), exist_ok=True)
-
-
 def write(
     checkpoint: dict[str, Any], location: Location, version: str, storage_options: Any
 ) -> None:
@@ -176,32 +163,6 @@ def write(
             )
     except CheckpointException as err:
         raise _translate(location.url, err, writing=True) from err
-
-
-def remove_stale_versions(location: Location, keep: str) -> None:
-    """Delete version folders other than ``keep`` (after the commit; rank 0 only).
-
-    On local disk the files go in parallel: unlinking a large piece drops its cached pages, and
-    one rank doing every rank's share alone was the slowest step of an overwrite.
-    """
-    stale = [
-        entry
-        for entry in location.fs.ls(location.path, detail=False)
-        if posixpath.basename(entry.rstrip("/")).startswith(VERSION_PREFIX)
-        and posixpath.basename(entry.rstrip("/")) != keep
-    ]
-    if not stale:
-        return
-    if location.is_local:
-        files = [file for folder in stale for file in location.fs.find(folder)]
-        with ThreadPoolExecutor(max(1, min(len(files), settings().io_threads))) as pool:
-            list(pool.map(_unlink, files))
-    location.fs.rm(stale, recursive=True)
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -319,6 +280,7 @@ def read_metadata(location: Location, storage_options: Any) -> Metadata:
         InvalidCheckpointError: a directory that is no sharded checkpoint at all.
         CorruptCheckpointError: ``.metadata`` is unreadable.
     """
+    dcp_versions.settle(location)  # a removal of replaced versions running here ends first
     if not location.fs.exists(posixpath.join(location.path, METADATA)):
         entries = location.fs.ls(location.path, detail=False)
         names = [posixpath.basename(entry.rstrip("/")) for entry in entries]

@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_op
 
 from lightweight_ckpt import collectives
 from lightweight_ckpt.errors import InvalidCheckpointError
+from lightweight_ckpt.formats import dcp_versions
 from lightweight_ckpt.formats.dcp_dir import skeleton, top_level_keys
 from lightweight_ckpt.io import CheckpointIO, CheckpointReader, TorchCheckpointIO
 from lightweight_ckpt.state import (
@@ -404,12 +405,19 @@ class Strategy:
         return cast("LoadReport", report)
 
     def wait(self) -> None:
-        """Block until every save returned so far is durable (async IO); raise its failure."""
+        """Block until every save returned so far is durable (async IO); raise its failure.
+
+        Also waits for this process's background removals of replaced sharded versions.
+        """
         self.checkpoint_io.wait()
+        dcp_versions.wait_for_removals()
 
     def teardown(self) -> None:
-        """Release the IO plugin's resources."""
-        self.checkpoint_io.teardown()
+        """Release the IO plugin's resources (after this process's background removals)."""
+        try:
+            self.checkpoint_io.teardown()
+        finally:
+            dcp_versions.wait_for_removals()
 
 
 def _sharded_view(obj: object, state: State) -> Any:

@@ -192,7 +192,7 @@ class FSDPStrategy(Strategy):
             return io.stage(checkpoint)
 
         staged = collectives.run_on_all_ranks("prepare sharded save", prepare)
+        # returns on every rank once rank 0 has committed (DCP broadcasts the commit's outcome)
         io.save_sharded(staged, path, version, storage_options)
-        collectives.barrier()  # every rank saw the commit before the old version goes
-        if self.is_global_zero:
+        if self.is_global_zero:  # replaced versions go in the background (formats.dcp_versions)
             io.finish_sharded(path, version, storage_options)

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from lightweight_ckpt.formats import dcp_versions
+
 TIMEOUT_S = 120.0
 COLLECTIVE_TIMEOUT_S = 60  # a hang in a collective fails the test instead of waiting 30 min
 
@@ -42,6 +44,7 @@ def _entry(  # noqa: PLR0917 - a Process target takes positional arguments
         )
         try:
             body(rank, world_size, *args)
+            dcp_versions.wait_for_removals()  # as at a normal exit, which os._exit skips
         finally:
             dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - every failure goes to the parent, then we exit
