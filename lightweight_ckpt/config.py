@@ -9,6 +9,11 @@ in all (default 4; 1 turns our retries off), ``LWCKPT_RETRY_BACKOFF_S`` the firs
 0.5 s; doubling, full jitter, capped at 30 s), ``LWCKPT_RETRY_DEADLINE_S`` after which no new
 attempt starts (default 300 s).
 
+``LWCKPT_SPOOL_DIR``: where a remote in-place load keeps the bytes it verified, so that they are
+downloaded once (default: the system's temporary directory; ``none`` downloads twice instead).
+The spool is an unnamed file, gone when the load ends or the process dies; it is not used on a
+RAM-backed filesystem (tmpfs) or where free space is short.
+
     with config.override(io_threads=1):
         fabric.load(path, state)
 """
@@ -34,6 +39,7 @@ class Settings:
     retry_attempts: int = 4
     retry_backoff_s: float = 0.5
     retry_deadline_s: float = 300.0
+    spool_dir: str = ""
 
 
 def _from_env() -> Settings:
@@ -45,6 +51,7 @@ def _from_env() -> Settings:
         retry_attempts=max(1, int(os.environ.get("LWCKPT_RETRY_ATTEMPTS", "4"))),
         retry_backoff_s=max(0.0, float(os.environ.get("LWCKPT_RETRY_BACKOFF_S", "0.5"))),
         retry_deadline_s=max(0.0, float(os.environ.get("LWCKPT_RETRY_DEADLINE_S", "300"))),
+        spool_dir=os.environ.get("LWCKPT_SPOOL_DIR", ""),
     )
 
 
