@@ -18,11 +18,14 @@ Reading is staged so that a load is all-or-nothing and needs no extra memory:
 
 Remote sources (s3://, gs://, ...) are read as ranges of at most ``chunk_bytes``, on
 ``io_threads`` threads at once, whichever records they belong to; each record's CRC32 is
-combined from its ranges' (``crc32_combine``). A bound record is read twice: ``verify`` streams
-it through the CRC and drops the bytes, ``fill`` reads it into its target and checks the CRC
-again (which catches an object replaced between the two passes). So an in-place remote load
-holds ``io_threads * chunk_bytes`` bytes beyond the targets, not a second copy of the state,
-for twice the transfer of the bound records.
+combined from its ranges' (``crc32_combine``). A bound record (one read straight into the
+caller's tensor) must not reach its target before every CRC passed, yet must not be held in
+memory either: ``verify`` writes its ranges to a *spool*, an unnamed local temporary file
+(``LWCKPT_SPOOL_DIR``), as they stream through the CRC, and ``fill`` copies them from there. So
+each byte crosses the network once, and an in-place remote load holds ``io_threads *
+chunk_bytes`` bytes beyond the targets. Where no spool can be had (RAM-backed tmpfs, too little
+free space, ``LWCKPT_SPOOL_DIR=none``) ``fill`` downloads the bound records again and checks
+their CRC a second time (which catches an object replaced between the two passes).
 
 The object tree is unpickled with ``weights_only``'s rules, but at C speed (``_FastUnpickler``:
 torch's own unpickler is pure Python and took a quarter of a warm 1.5 GB load) for the globals a
@@ -39,8 +42,11 @@ import ctypes
 import functools
 import io
 import json
+import os
 import pickle
+import shutil
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
@@ -241,6 +247,7 @@ class TorchFileReader:
         self._record_by_ptr: dict[int, Record] = {}
         self._chosen: dict[int, tuple[Record, torch.Tensor]] = {}
         self._tree: Any = None
+        self._spool: IO[bytes] | None = None  # verified bytes of bound remote records
 
     def skeleton(self) -> Any:
         """Return the checkpoint's object tree; tensor data is not read (or checked) yet."""
@@ -355,8 +362,16 @@ class TorchFileReader:
         """
         copies = sorted(self._chosen.values(), key=lambda pair: -pair[0].size)
         self._chosen = {}
-        if self._mapped is None:
+        if self._mapped is None and self._spool is None:
             self._fill_remote(copies)
+            return
+        if self._spool is not None:
+            fd = self._spool.fileno()
+            _parallel(
+                lambda pair: _preadv_all(fd, byte_view(pair[1].untyped_storage()), pair[0].offset),
+                copies,
+            )
+            self.close_spool()
             return
         _parallel(
             lambda pair: self.source.readinto_at(
@@ -452,8 +467,23 @@ class TorchFileReader:
             storage = by_record.get(record.name)
             keep = storage is not None and storage.nbytes() and record.name not in release
             records.append((record, byte_view(storage) if keep and storage is not None else None))
-        for (record, _), actual in zip(records, _ranged_crcs(self.source, records), strict=True):
-            check_crc(self.source.url, record, actual, names.get(record.name))
+        spooled = {i for i, (record, _) in enumerate(records) if record.name in release}
+        self.close_spool()
+        self._spool = _open_spool(sum(records[i][0].size for i in spooled)) if spooled else None
+        spool = (self._spool.fileno(), spooled) if self._spool is not None else None
+        try:
+            crcs = _ranged_crcs(self.source, records, spool)
+            for (record, _), actual in zip(records, crcs, strict=True):
+                check_crc(self.source.url, record, actual, names.get(record.name))
+        except BaseException:
+            self.close_spool()
+            raise
+
+    def close_spool(self) -> None:
+        """Drop the spooled bytes (after ``fill``, or when the load is abandoned)."""
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
 
     def _eager(self) -> Any:
         """Load with ``torch.load`` for files outside the fast path."""
@@ -523,11 +553,17 @@ def _plan_ranges(
     return ranges
 
 
-def _ranged_crcs(source: Source, records: Sequence[tuple[Record, memoryview | None]]) -> list[int]:
+def _ranged_crcs(
+    source: Source,
+    records: Sequence[tuple[Record, memoryview | None]],
+    spool: tuple[int, set[int]] | None = None,
+) -> list[int]:
     """CRC32 of each record, read as ranges of at most ``chunk_bytes`` on ``io_threads`` threads.
 
-    A record with a view is copied into it; one without is hashed and its bytes dropped. At most
-    ``io_threads`` ranges are in flight (and in memory), whatever the records' sizes.
+    A record with a view is copied into it; one whose index is in ``spool``'s set is written to
+    the spool file descriptor at its offset in the source; any other is hashed and its bytes
+    dropped. At most ``io_threads`` ranges are in flight (and in memory), whatever the records'
+    sizes.
     """
     step = settings().chunk_bytes
     ranges = _plan_ranges(records, step)
@@ -544,6 +580,8 @@ def _ranged_crcs(source: Source, records: Sequence[tuple[Record, memoryview | No
             view = records[piece.index][1]
             if view is not None:
                 view[piece.start : piece.start + piece.size] = chunk
+            elif spool is not None and piece.index in spool[1]:
+                _pwrite_all(spool[0], chunk, offset + at)
             out.append((piece, crc32(chunk, 0)))
         return out
 
@@ -556,6 +594,53 @@ def _ranged_crcs(source: Source, records: Sequence[tuple[Record, memoryview | No
     for piece, value in sorted(done, key=lambda pair: (pair[0].index, pair[0].start)):
         crcs[piece.index] = crc32_combine(crcs[piece.index], value, piece.size)
     return crcs
+
+
+_RAM_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "devtmpfs"})
+
+
+def _filesystem_type(directory: str) -> str:
+    """The type of the filesystem ``directory`` lives on, from ``/proc/mounts`` ("" if unknown)."""
+    best, kind = "", ""
+    with contextlib.suppress(OSError), open("/proc/mounts", encoding="utf-8") as mounts:
+        real = os.path.realpath(directory)
+        for line in mounts:
+            _device, point, fstype, *_ = [*line.split(), "", "", ""]
+            point = point.replace("\\040", " ")
+            inside = real == point or real.startswith(point.rstrip("/") + "/")
+            if point and inside and len(point) > len(best):
+                best, kind = point, fstype
+    return kind
+
+
+def _open_spool(nbytes: int) -> IO[bytes] | None:
+    """An unnamed temporary file for ``nbytes`` of verified data, or None where none fits."""
+    configured = settings().spool_dir
+    if configured.lower() == "none":
+        return None
+    directory = configured or tempfile.gettempdir()
+    try:
+        if _filesystem_type(directory) in _RAM_FILESYSTEMS:
+            return None  # a spool there would be a second copy of the state in RAM
+        if shutil.disk_usage(directory).free < nbytes + (256 << 20):
+            return None
+        return tempfile.TemporaryFile(dir=directory)
+    except OSError:
+        return None
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
+
+
+def _preadv_all(fd: int, buffer: memoryview, offset: int) -> None:
+    while buffer:
+        read = os.preadv(fd, [buffer], offset)
+        if read <= 0:
+            raise OSError(f"spool ended early at offset {offset}")
+        buffer, offset = buffer[read:], offset + read
 
 
 def _whole_storage(tensor: torch.Tensor) -> bool:

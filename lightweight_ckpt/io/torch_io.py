@@ -157,6 +157,7 @@ class _TimedReader:
         log_transfer("loaded", source.url, source.size, time.perf_counter() - self._start)
 
     def close(self) -> None:
+        self._reader.close_spool()
         self._reader.source.close()
 
     def __enter__(self) -> _TimedReader:
