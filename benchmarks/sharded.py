@@ -14,6 +14,7 @@ Run ``python benchmarks/sharded.py --help``; see ``benchmarks/README.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
@@ -183,6 +184,9 @@ class Contender:
         """Restore the state in place; return the loaded ``step``."""
         raise NotImplementedError
 
+    def settle(self) -> None:
+        """Wait for what the last save left running in the background (never timed)."""
+
 
 def _step_after_load(state: dict[str, Any], returned: object) -> int | None:
     step = state.get("step")
@@ -234,6 +238,10 @@ class LightweightCkpt(Contender):
         state: dict[str, Any] = {"model": model, "optimizer": opt, "step": 0}
         returned = self.fabric.load(path, state)
         return _step_after_load(state, returned)
+
+    def settle(self) -> None:
+        """Wait for the background removal of a replaced version."""
+        self.fabric.wait()
 
 
 class Dcp(Contender):
@@ -355,6 +363,10 @@ class LightningModelParallel(Contender):
         returned = self.fabric.load(path, state)
         return _step_after_load(state, returned)
 
+    def settle(self) -> None:
+        """Wait for the background removal of a replaced version."""
+        self.fabric.wait()
+
 
 CONTENDERS: dict[str, type[Contender]] = {
     c.name: c for c in (LightweightCkpt, Dcp, LightningFsdp, LightningModelParallel)
@@ -395,15 +407,42 @@ def _after_trim(measurement: Any) -> dict[str, Any]:
     return {**measurement.to_json(), "trimmed_extra_rss": trimmed}
 
 
-def _timed_save(contender: Contender, path: Path, model: Any, opt: Any) -> dict[str, Any]:
-    """Save on every rank, then fsync the whole directory on rank 0; all of it is timed."""
+def _fsync_present(path: Path) -> None:
+    """``harness.fsync_path``, skipping files removed meanwhile (a replaced version going away)."""
+    for dirpath, _dirnames, filenames in os.walk(path):
+        for target in [*(Path(dirpath) / name for name in filenames), Path(dirpath)]:
+            with contextlib.suppress(FileNotFoundError):
+                descriptor = os.open(target, os.O_RDONLY)
+                try:
+                    os.fsync(descriptor)
+                finally:
+                    os.close(descriptor)
+    harness.fsync_path(path.parent)
+
+
+def _timed_save(
+    contender: Contender, path: Path, model: Any, opt: Any, overwrite: bool = False
+) -> dict[str, Any]:
+    """Save on every rank, then fsync the whole directory on rank 0; all of it is timed.
+
+    With ``overwrite``, an untimed save of the same state to ``path`` comes first, so the timed
+    save replaces a checkpoint, as every save of a training run after its first does.
+    """
     import torch.distributed as dist
+
+    if overwrite:
+        contender.save(path, model, opt)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            harness.fsync_path(path)
+        contender.settle()
+        dist.barrier()
 
     def op() -> None:
         contender.save(path, model, opt)
         dist.barrier()
         if dist.get_rank() == 0:  # make every file durable, for every contender alike
-            harness.fsync_path(path)
+            _fsync_present(path)
         dist.barrier()
 
     harness.release_free_memory()
@@ -476,8 +515,9 @@ def rank_worker(args: argparse.Namespace) -> None:
         _stage("state built")
         result: dict[str, Any] = {"contender": args.contender, "op": args.op}
         if args.op == "save":
-            measurement = _timed_save(contender, path, model, opt)
+            measurement = _timed_save(contender, path, model, opt, overwrite=args.overwrite)
             _stage(f"saved in {measurement['seconds']:.2f} s")
+            contender.settle()
             digest = full_digest(model, opt)  # the saved state, gathered (the save changed none)
             if rank == 0:
                 result["file_bytes"] = harness.path_size(path)
@@ -559,6 +599,7 @@ def _launch_args(name: str, op: str, path: Path, args: argparse.Namespace) -> li
         str(path),
         "--size-mb",
         str(args.size_mb),
+        *(["--overwrite"] if args.overwrite else []),
     ]
 
 
@@ -663,11 +704,12 @@ def orchestrate(args: argparse.Namespace) -> int:
     with harness.scratch_dir(args.dir, REPO_ROOT) as data_dir:
         info = harness.machine_info(data_dir)
         state = cfg.state_bytes()
+        mode = "; each timed save overwrites a checkpoint" if args.overwrite else ""
         header = (
             f"state: {N_LAYERS} x Linear({cfg.d}, {cfg.d}), {cfg.n_params() / 1e6:.1f}M params, "
             f"fully_shard over {WORLD_SIZE} ranks (gloo, CPU) + AdamW = {state / MB:.0f} MB "
             f"({state / harness.MIB:.0f} MiB), ~{state / WORLD_SIZE / harness.MIB:.0f} MiB per "
-            f"rank; rounds: {args.rounds}"
+            f"rank; rounds: {args.rounds}{mode}"
             f"\nmachine: {info['cpu']}, {info['cores']} cores, {info['mem_gib']} GiB; "
             f"torch {torch.__version__}; dir: {data_dir} on {info['filesystem']}"
         )
@@ -722,6 +764,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=None,
         help="where checkpoints go (default: a temporary directory in the repository)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="time saves that replace a checkpoint (an untimed save to the same path first)",
     )
     p.add_argument("--json", type=Path, default=None, help="also write raw results here")
     internal = p.add_argument_group("internal")

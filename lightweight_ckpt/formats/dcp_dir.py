@@ -24,8 +24,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import pickle
 import posixpath
+import threading
 import warnings
 from typing import IO, TYPE_CHECKING, Any, cast
 
@@ -187,6 +189,43 @@ _METADATA_GLOBALS = {
 }
 
 
+_PARSED: dict[tuple[str, int, int, int], Metadata] = {}
+"""Metadata that ``read_metadata`` parsed on local disk, by file identity (path, inode, size,
+mtime), for the DCP pass of the same load (``read``) to take instead of parsing it again. A
+commit replaces the file (a new inode), so an entry never stands for another file."""
+_PARSED_MAX = 8
+_PARSED_LOCK = threading.Lock()
+
+
+def _file_identity(location: Location) -> tuple[str, int, int, int] | None:
+    if not location.is_local:
+        return None
+    path = posixpath.join(location.path, METADATA)
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None  # the read raises the real error
+    return path, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _keep_parsed(location: Location, metadata: Metadata) -> None:
+    key = _file_identity(location)
+    if key is None:
+        return
+    with _PARSED_LOCK:
+        while len(_PARSED) >= _PARSED_MAX:
+            _PARSED.pop(next(iter(_PARSED)))
+        _PARSED[key] = metadata
+
+
+def _take_parsed(location: Location) -> Metadata | None:
+    key = _file_identity(location)
+    if key is None:
+        return None
+    with _PARSED_LOCK:
+        return _PARSED.pop(key, None)
+
+
 class _SafeReader(FileSystemReader):
     """DCP's reader, made safe: allowlisted metadata, items checked before they are read.
 
@@ -296,6 +335,7 @@ def read_metadata(location: Location, storage_options: Any) -> Metadata:
         metadata: Metadata = _reader(location, storage_options).read_metadata()
     except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as err:
         raise CorruptCheckpointError(f"{location.url}: {METADATA} is unreadable: {err}") from err
+    _keep_parsed(location, metadata)
     if not dcp_checksums.is_checksummed(metadata) and (
         not _distributed() or torch.distributed.get_rank() == 0
     ):
@@ -344,12 +384,17 @@ class _SafeLoadPlanner(DefaultLoadPlanner):
 def read(
     template: dict[str, Any], location: Location, storage_options: Any, weights_only: bool
 ) -> None:
-    """Fill ``template`` in place from the checkpoint (a collective: every rank calls it)."""
+    """Fill ``template`` in place from the checkpoint (a collective: every rank calls it).
+
+    The metadata ``read_metadata`` parsed for this load is not parsed again (local disk).
+    """
+    reader = _reader(location, storage_options)
+    reader.known_metadata = _take_parsed(location)
     try:
         with _single_process_ok():
             dcp_load(
                 template,
-                storage_reader=_reader(location, storage_options),
+                storage_reader=reader,
                 planner=_SafeLoadPlanner(location.url, weights_only),
                 no_dist=not _distributed(),
             )
