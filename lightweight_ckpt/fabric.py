@@ -19,6 +19,7 @@ from lightweight_ckpt.strategies import Strategy, select_strategy
 from lightweight_ckpt.strategies.selection import auto_strategy_name
 
 if TYPE_CHECKING:
+    from lightweight_ckpt.io.base import SaveHandle
     from lightweight_ckpt.types import FilterMap, State, StorageOptions, StrPath
 
 
@@ -134,7 +135,7 @@ class Fabric:
         filter: FilterMap | None = None,  # noqa: A002 - Lightning's name
         *,
         storage_options: StorageOptions | None = None,
-    ) -> None:
+    ) -> SaveHandle:
         """Save ``state`` to ``path`` atomically. Call it on every rank.
 
         Modules (wrapped or not), optimizers and objects with ``state_dict()`` are saved as their
@@ -147,16 +148,25 @@ class Fabric:
                 state dict.
             storage_options: fsspec options for this path (endpoint, credentials, ...).
 
+        Returns:
+            A ``SaveHandle`` for this save: ``wait(timeout=None)``, ``done()``,
+            ``is_durable``, ``exception()``, ``path``. Complete at once for a synchronous IO;
+            with ``AsyncCheckpointIO`` it tracks this save's background write on this process.
+
         Raises:
             TypeError: bad ``path``, ``state`` or ``filter`` types.
             ValueError: ``filter`` names keys not in ``state``.
-            CheckpointWriteError: the write failed; the previous checkpoint is intact.
+            CheckpointWriteError: the write failed; the previous checkpoint is intact (with
+                ``AsyncCheckpointIO``: an earlier background save failed).
         """
         _check_path(path)
         _check_state(state)
         if filter is not None:
             check_filter(state, filter)
-        self._strategy_for(state).save(path, state, filter, storage_options)
+        strategy = self._strategy_for(state)
+        with strategy.checkpoint_io.track_save(os.fspath(path)) as handle:
+            strategy.save(path, state, filter, storage_options)
+        return handle
 
     def load(
         self,

@@ -886,3 +886,20 @@ def test_save_creates_missing_parent_directories(fabric, tmp_path, kind):
     assert_states_differ(target, model)
     fabric.load(path, {"model": target})
     assert_states_equal(target, model)
+
+
+@pytest.mark.parametrize("io", ["default", "user"])
+def test_save_returns_a_handle_that_is_durable_at_once_for_a_sync_io(tmp_path, io):
+    fabric = Fabric(checkpoint_io=CountingIO() if io == "user" else None)
+    state = make_state()
+    path = tmp_path / "state.ckpt"
+    handle = fabric.save(path, state, storage_options=None)
+    assert path.exists()  # committed before save returned
+    assert handle.path == str(path)
+    assert handle.done()
+    assert handle.is_durable
+    assert handle.exception(timeout=0) is None
+    handle.wait(timeout=0)
+    target = differing_target(state)
+    fabric.load(handle.path, target)
+    assert_states_equal(target["model"], state["model"])

@@ -6,13 +6,18 @@ to one worker thread that runs the wrapped IO's ordinary, atomic save. Copies fr
 into pinned buffers, are issued non-blocking on each device's current stream (so after the
 kernels that produced the values) and synchronized once per device; no GPU memory is used. A
 tensor under several keys (tied weights) is copied once and stays shared, as in ``torch.save``.
+XLA tensors are moved as ``XLACheckpointIO`` stages them: one graph execution and one batched
+transfer, on the caller, so the worker never touches the XLA device. The wrapped IO's
+``stage`` then runs on the copy, on the caller. The collector is paused while the caller copies.
 
 - Back-pressure: at most ``max_pending`` saves in flight (default 1); the next save waits for a
   slot. Host memory is bounded by ``max_pending`` snapshots of the checkpoint.
 - Reads and removals wait for the pending saves first, so ``fabric.load`` of a path being
   written loads the new checkpoint.
 - A failure in the background is raised by the next ``save_checkpoint``, ``wait()`` or
-  ``teardown()``, and logged at interpreter exit if nobody saw it. Never lost.
+  ``teardown()``, and logged at interpreter exit if nobody saw it. Never lost. A
+  ``SaveHandle`` (``track_save``, what ``fabric.save`` returns) tracks one save's writes; a
+  failure it reported is not raised again by the next call.
 - The commit stays the wrapped IO's: the checkpoint appears only when fully written.
 - Sharded saves: ``stage`` snapshots this rank's piece (local shards of DTensors and
   ShardedTensors) on the caller, in a step every rank agrees on; the worker then writes it with
@@ -31,20 +36,25 @@ from __future__ import annotations
 
 import atexit
 import copy
+import gc
 import logging
 import threading
 import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from lightweight_ckpt.formats import dcp_staging
-from lightweight_ckpt.io.base import CheckpointIO, CheckpointReader
+from lightweight_ckpt.io import xla_io
+from lightweight_ckpt.io.base import CheckpointIO, CheckpointReader, SaveHandle
 from lightweight_ckpt.io.torch_io import TorchCheckpointIO
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
     from torch.distributed.checkpoint.metadata import Metadata
 
     from lightweight_ckpt.types import Checkpoint, MapLocation, StorageOptions, StrPath
@@ -56,7 +66,7 @@ class _Snapshot:
     """Host buffers for one in-flight checkpoint, reused while the tensors keep their layout."""
 
     def __init__(self) -> None:
-        self._buffers: list[torch.Tensor] = []
+        self._buffers: list[torch.Tensor | None] = []
         self._layout: list[tuple[Any, ...]] = []
         self.future: Future[None] | None = None
 
@@ -64,20 +74,31 @@ class _Snapshot:
         tensors: list[torch.Tensor] = []
         skeleton = _replace_tensors(checkpoint, tensors)
         sources, order = _unique(tensors)
-        layout = [(t.shape, t.dtype, t.is_cuda) for t in sources] + [tuple(order)]
+        layout: list[tuple[Any, ...]] = [(t.shape, t.dtype, t.device.type) for t in sources]
+        layout.append(tuple(order))
         if layout != self._layout:
             self._buffers = [_host_buffer(t) for t in sources]
             self._layout = layout
+        copies = list(self._buffers)
+        xla = [i for i, buffer in enumerate(copies) if buffer is None]
+        if xla:  # one graph execution and one batched transfer, as XLACheckpointIO stages
+            moved = xla_io.to_cpu({"tensors": [sources[i] for i in xla]})["tensors"]
+            for i, tensor in zip(xla, moved, strict=True):
+                copies[i] = tensor  # a fresh CPU tensor of our own: no second copy
         cuda_devices: set[torch.device] = set()
-        for buffer, tensor in zip(self._buffers, sources, strict=True):
-            if tensor.is_cuda:
-                cuda_devices.add(tensor.device)
-            # Pinned + non_blocking: the D2H copy is queued on the current stream, after the
-            # kernels that produced the values; other devices copy synchronously.
-            buffer.copy_(tensor.detach(), non_blocking=tensor.is_cuda)
+        with torch.no_grad():  # no autograd record of the copies (and no detach per tensor)
+            for buffer, tensor, shape in zip(self._buffers, sources, layout, strict=False):
+                if buffer is None:  # moved from XLA above
+                    continue
+                cuda = shape[2] == "cuda"
+                if cuda:
+                    cuda_devices.add(tensor.device)
+                # Pinned + non_blocking: the D2H copy is queued on the current stream, after
+                # the kernels that produced the values; other devices copy synchronously.
+                buffer.copy_(tensor, non_blocking=cuda)
         for device in cuda_devices:
             torch.cuda.current_stream(device).synchronize()  # once per device
-        filled: Checkpoint = _fill_tensors(skeleton, iter([self._buffers[i] for i in order]))
+        filled: Checkpoint = _fill_tensors(skeleton, iter([copies[i] for i in order]))
         return filled
 
     @property
@@ -89,15 +110,18 @@ def _unique(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]
     """Return the distinct tensors and, per tensor, its index among them.
 
     The same tensor under two keys (tied weights) gets one buffer, so the snapshot shares it
-    the way ``torch.save`` of the live state would.
+    the way ``torch.save`` of the live state would. Tensors without a host-visible address
+    (XLA tensors report 0) are told apart by identity.
     """
     index: dict[tuple[Any, ...], int] = {}
     sources: list[torch.Tensor] = []
     order: list[int] = []
+    strided = torch.strided
     for tensor in tensors:
-        if tensor.layout == torch.strided:
-            key: tuple[Any, ...] = (tensor.device, tensor.data_ptr(), tensor.dtype)
-            key += (tensor.shape, tensor.stride())
+        address = tensor.data_ptr() if tensor.layout == strided else 0
+        if address:
+            key: tuple[Any, ...] = (address, tensor.device, tensor.dtype, tensor.shape)
+            key += (tensor.stride(),)
         else:
             key = (id(tensor),)
         position = index.setdefault(key, len(sources))
@@ -107,8 +131,24 @@ def _unique(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]
     return sources, order
 
 
-def _host_buffer(tensor: torch.Tensor) -> torch.Tensor:
+def _host_buffer(tensor: torch.Tensor) -> torch.Tensor | None:
+    """A reusable host buffer for ``tensor`` (pinned for CUDA); None for an XLA tensor."""
+    if tensor.device.type == "xla":
+        return None  # its transfer allocates a fresh CPU tensor every time
     return torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=tensor.is_cuda)
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Hold off the cyclic garbage collector while the caller copies (it cost ms per save)."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 class _Slot:
@@ -124,30 +164,53 @@ class _Slot:
         return self.rebuild([next(buffers) for _ in range(self.parts)])
 
 
+# immutable leaves, returned as they are (deepcopy would return them too, at a call's cost)
+_ATOMS = frozenset({int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.Size})
+
+
 def _replace_tensors(tree: Any, found: list[torch.Tensor]) -> Any:
     """Copy the tree's containers, deep-copy plain values, and put slots where tensors were."""
+    kind = type(tree)
+    if kind is dict:  # most nodes: plain dicts, then leaves
+        return {k: _replace_tensors(v, found) for k, v in tree.items()}
+    if kind in _ATOMS:
+        return tree
     if isinstance(tree, torch.Tensor):
-        sharded = dcp_staging.split_sharded(tree)  # DTensor / ShardedTensor: copy local parts
-        if sharded is not None:
-            found.extend(sharded[0])
-            return _Slot(sharded[1], len(sharded[0]))
-        found.append(tree)
-        return _Slot()
-    if isinstance(tree, dict):
-        return type(tree)((k, _replace_tensors(v, found)) for k, v in tree.items())
-    if isinstance(tree, list | tuple) and not hasattr(tree, "_fields"):
-        return type(tree)(_replace_tensors(v, found) for v in tree)
-    return copy.deepcopy(tree)
+        return _slot(tree, found)
+    if kind is list:
+        return [_replace_tensors(v, found) for v in tree]
+    return _rebuild(tree, lambda v: _replace_tensors(v, found), copy.deepcopy)
+
+
+def _slot(tensor: torch.Tensor, found: list[torch.Tensor]) -> _Slot:
+    sharded = dcp_staging.split_sharded(tensor)  # DTensor / ShardedTensor: copy local parts
+    if sharded is not None:
+        found.extend(sharded[0])
+        return _Slot(sharded[1], len(sharded[0]))
+    found.append(tensor)
+    return _Slot()
 
 
 def _fill_tensors(tree: Any, buffers: Any) -> Any:
-    if isinstance(tree, _Slot):
+    kind = type(tree)
+    if kind is dict:
+        return {k: _fill_tensors(v, buffers) for k, v in tree.items()}
+    if kind is _Slot:
         return tree.fill(buffers)
+    if kind in _ATOMS:
+        return tree
+    if kind is list:
+        return [_fill_tensors(v, buffers) for v in tree]
+    return _rebuild(tree, lambda v: _fill_tensors(v, buffers), lambda leaf: leaf)
+
+
+def _rebuild(tree: Any, fn: Callable[[Any], Any], leaf: Callable[[Any], Any]) -> Any:
+    """Rebuild a dict subclass, list or tuple (not a namedtuple) around ``fn`` of its items."""
     if isinstance(tree, dict):
-        return type(tree)((k, _fill_tensors(v, buffers)) for k, v in tree.items())
+        return type(tree)((k, fn(v)) for k, v in tree.items())
     if isinstance(tree, list | tuple) and not hasattr(tree, "_fields"):
-        return type(tree)(_fill_tensors(v, buffers) for v in tree)
-    return tree
+        return type(tree)(fn(v) for v in tree)
+    return leaf(tree)
 
 
 class AsyncCheckpointIO(CheckpointIO):
@@ -169,6 +232,7 @@ class AsyncCheckpointIO(CheckpointIO):
         self._lock = threading.Lock()
         self._staged: tuple[_Snapshot, Checkpoint] | None = None  # sharded: staged, not written
         self._group: Any = None  # the background sharded saves' own process group
+        self._tracking: SaveHandle | None = None  # the handle of the save being made
         atexit.register(_report_at_exit, weakref.ref(self))
 
     # -- saving ------------------------------------------------------------------------------
@@ -186,11 +250,33 @@ class AsyncCheckpointIO(CheckpointIO):
         if slot.future is not None:
             self._settle(slot.future)  # back-pressure: the oldest slot must be free
         self._slots.rotate(-1)
-        staged = slot.copy(self.checkpoint_io.stage(checkpoint))
+        with _gc_paused():
+            staged = self.checkpoint_io.stage(slot.copy(checkpoint))
+            slot.future = self._submit(self._write, staged, path, storage_options)
+
+    def _submit(self, fn: Callable[..., None], *args: Any) -> Future[None]:
+        """Queue ``fn`` on the worker; the save being tracked (``track_save``) includes it."""
         executor = self._executor or ThreadPoolExecutor(1, thread_name_prefix="lwckpt-async")
         self._executor = executor
-        future = executor.submit(self._write, staged, path, storage_options)
-        slot.future = future
+        future = executor.submit(fn, *args)
+        if self._tracking is not None:
+            self._tracking.add(future)
+        return future
+
+    @contextmanager
+    def track_save(self, path: str) -> Iterator[SaveHandle]:
+        """Yield a handle that tracks the background writes queued inside the block."""
+        handle, outer = SaveHandle(path, self._forget), self._tracking
+        self._tracking = handle
+        try:
+            yield handle
+        finally:
+            self._tracking = outer
+
+    def _forget(self, error: BaseException) -> None:
+        """A handle reported ``error``: the next save, wait or teardown does not raise it."""
+        with self._lock:
+            self._errors = [(path, err) for path, err in self._errors if err is not error]
 
     def _write(
         self, checkpoint: Checkpoint, path: StrPath, storage_options: StorageOptions | None
@@ -271,7 +357,8 @@ class AsyncCheckpointIO(CheckpointIO):
         if slot.future is not None:
             self._settle(slot.future)  # back-pressure: the oldest slot must be free
         self._slots.rotate(-1)
-        self._staged = (slot, slot.copy(self.checkpoint_io.stage(checkpoint)))
+        with _gc_paused():
+            self._staged = (slot, self.checkpoint_io.stage(slot.copy(checkpoint)))
         return self._staged[1]
 
     def is_sharded(self, path: StrPath, storage_options: StorageOptions | None = None) -> bool:
@@ -308,9 +395,7 @@ class AsyncCheckpointIO(CheckpointIO):
         self._staged = None
         if self._group is None:  # every rank gets here, in the same order: a collective is safe
             self._group = dcp_staging.new_background_group()
-        executor = self._executor or ThreadPoolExecutor(1, thread_name_prefix="lwckpt-async")
-        self._executor = executor
-        slot.future = executor.submit(self._write_sharded, staged, path, version, storage_options)
+        slot.future = self._submit(self._write_sharded, staged, path, version, storage_options)
 
     def _write_sharded(
         self, checkpoint: Checkpoint, path: StrPath, version: str, options: StorageOptions | None
@@ -331,9 +416,8 @@ class AsyncCheckpointIO(CheckpointIO):
         if self._executor is None or slot.future is None:
             self.checkpoint_io.finish_sharded(path, version, storage_options)
             return
-        written = slot.future
-        slot.future = self._executor.submit(
-            self._finish_sharded, written, path, version, storage_options
+        slot.future = self._submit(
+            self._finish_sharded, slot.future, path, version, storage_options
         )
 
     def _finish_sharded(

@@ -10,18 +10,25 @@ Two more methods have default bodies, so subclasses never need them:
   to the CPU; async copies them to host memory). Called by ``save_checkpoint``.
 - ``open_checkpoint(...)``: a two-phase ``CheckpointReader`` for in-place, all-or-nothing loads.
   The default wraps ``load_checkpoint``, so a user's override is honoured.
+- ``track_save(path)``: a ``SaveHandle`` for the saves made inside the block (what
+  ``fabric.save`` returns). A synchronous IO's handle is complete at once; an IO that writes in
+  the background adds its work to it.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import time
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lightweight_ckpt.formats import dcp_dir
 from lightweight_ckpt.storage import Location, call_with_retries, resolve
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Iterator, Mapping
+    from concurrent.futures import Future
     from types import TracebackType
 
     import torch
@@ -88,6 +95,77 @@ class LoadedReader:
         self.close()
 
 
+class SaveHandle:
+    """One ``fabric.save``, as this process sees it: wait for it, ask whether it is durable.
+
+    It tracks exactly that save: the background work it queued on this process (none for a
+    synchronous IO, or on a rank that does not write; the handle is then complete at once).
+    Like a ``Future``, it reports its save's outcome every time it is asked. A failure that it
+    has reported (``wait()`` raised it, or ``exception()`` returned it) counts as seen: the IO's
+    next save, ``wait()`` and ``teardown()`` do not raise it again. A failure no handle reported
+    is raised there, as without handles.
+
+    Attributes:
+        path: the path or URL given to ``save``.
+    """
+
+    def __init__(
+        self, path: str, on_reported: Callable[[BaseException], None] | None = None
+    ) -> None:
+        self.path = path
+        self._futures: list[Future[None]] = []
+        self._on_reported = on_reported
+
+    def add(self, future: Future[None]) -> None:
+        """Track one more piece of background work of this save (for ``CheckpointIO``s)."""
+        self._futures.append(future)
+
+    def done(self) -> bool:
+        """True when the save has finished, committed or failed (never blocks)."""
+        return all(future.done() for future in self._futures)
+
+    @property
+    def is_durable(self) -> bool:
+        """True when the save is committed (never blocks; False while running or if failed)."""
+        return self.done() and all(future.exception() is None for future in self._futures)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """Wait for the save; return its failure, or None if it is committed.
+
+        Raises:
+            TimeoutError: still running after ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for future in self._futures:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                error = future.exception(left)
+            except concurrent.futures.TimeoutError:
+                raise TimeoutError(
+                    f"{self.path}: the save is not durable after {timeout} s"
+                ) from None
+            if error is not None:
+                if self._on_reported is not None:
+                    self._on_reported(error)
+                return error
+        return None
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the save is committed; raise its failure.
+
+        Raises:
+            CheckpointError: the save failed (the previous checkpoint at ``path`` is intact).
+            TimeoutError: still running after ``timeout`` seconds.
+        """
+        error = self.exception(timeout)
+        if error is not None:
+            raise error
+
+    def __repr__(self) -> str:
+        status = "running" if not self.done() else "durable" if self.is_durable else "failed"
+        return f"SaveHandle({self.path!r}, {status})"
+
+
 class CheckpointIO(ABC):
     """Save, load and remove one checkpoint at a path or URL.
 
@@ -148,6 +226,15 @@ class CheckpointIO(ABC):
     def is_durable(self) -> bool:
         """True when every save this IO returned from is committed (or has failed)."""
         return self.pending == 0
+
+    @contextmanager
+    def track_save(self, path: str) -> Iterator[SaveHandle]:
+        """Yield a handle for the saves made inside the block (``fabric.save`` returns it).
+
+        A synchronous IO has nothing left to do when its save returns: the handle is complete.
+        An IO that writes in the background overrides this and adds its work to the handle.
+        """
+        yield SaveHandle(path)
 
     def stage(self, checkpoint: Checkpoint) -> Checkpoint:
         """Return the checkpoint to encode: identity here; XLA and async IO copy to host memory."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightweight_ckpt import CheckpointWriteError, Fabric
 from lightweight_ckpt.io import AsyncCheckpointIO, CheckpointIO, TorchCheckpointIO
+from lightweight_ckpt.strategies import FSDPStrategy
 from tests.helpers.asserts import assert_states_differ, assert_states_equal, snapshot
 from tests.helpers.distributed import run_distributed
 from tests.helpers.models import Tiny, make_state, train_steps
@@ -357,3 +359,176 @@ def test_cuda_tensors_on_two_devices_are_all_synchronized(tmp_path: Path) -> Non
         tensor.zero_()
     fabric.teardown()
     assert_states_equal(torch.load(tmp_path / "a.ckpt", weights_only=True), expected)
+
+
+# -- the handle fabric.save returns ----------------------------------------------------------
+
+
+class _GatedIO(TorchCheckpointIO):
+    """Writes each path only once its gate opens; fails the paths in ``fail``."""
+
+    def __init__(self, fail: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.gates: dict[str, threading.Event] = {}
+        self.fail = fail
+
+    def gate(self, path: Any) -> threading.Event:
+        return self.gates.setdefault(os.path.basename(path), threading.Event())
+
+    def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+        assert self.gate(path).wait(30)
+        if os.path.basename(path) in self.fail:
+            raise CheckpointWriteError(f"{path}: disk full (injected)")
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+    def save_sharded(
+        self, checkpoint: Any, path: Any, version: str, storage_options: Any = None
+    ) -> None:
+        assert self.gate(path).wait(30)
+        super().save_sharded(checkpoint, path, version, storage_options)
+
+
+def test_handle_wait_returns_once_the_file_is_committed_and_loadable(tmp_path: Path) -> None:
+    inner = _GatedIO()
+    fabric = Fabric(checkpoint_io=AsyncCheckpointIO(inner))
+    state = make_state()
+    expected = {k: snapshot(v) for k, v in state.items()}
+    path = tmp_path / "a.ckpt"
+    handle = fabric.save(path, state)
+    _mutate_everything(state)
+    assert handle.path == str(path)
+    assert not handle.done()
+    assert not handle.is_durable
+    with pytest.raises(TimeoutError, match=r"a\.ckpt: the save is not durable after 0.05 s"):
+        handle.wait(timeout=0.05)
+    assert not path.exists()  # nothing visible before the commit
+    threading.Timer(0.2, inner.gate(path).set).start()
+    handle.wait()
+    assert handle.done()
+    assert handle.is_durable
+    assert handle.exception() is None
+    saved = torch.load(path, weights_only=True)
+    assert_states_equal(saved["model"], expected["model"])
+    assert_states_equal(saved["optimizer"], expected["optimizer"])
+    assert_states_differ(state["model"].state_dict(), expected["model"])
+    assert "durable" in repr(handle)
+    fabric.teardown()
+
+
+def test_handle_wait_raises_the_background_failure_which_is_then_reported_once(
+    tmp_path: Path,
+) -> None:
+    inner = _GatedIO(fail=("a.ckpt",))
+    io = AsyncCheckpointIO(inner)
+    fabric = Fabric(checkpoint_io=io)
+    state = {"model": Tiny()}
+    inner.gate("a.ckpt").set()
+    handle = fabric.save(tmp_path / "a.ckpt", state)
+    with pytest.raises(CheckpointWriteError, match=r"a\.ckpt: disk full") as raised:
+        handle.wait()
+    assert handle.done()
+    assert not handle.is_durable
+    assert handle.exception() is raised.value  # the handle keeps telling its save's outcome
+    with pytest.raises(CheckpointWriteError):
+        handle.wait()
+    assert "failed" in repr(handle)
+    assert not (tmp_path / "a.ckpt").exists()
+    # seen through the handle: the next save, wait() and teardown() do not raise it again
+    inner.gate("b.ckpt").set()
+    fabric.save(tmp_path / "b.ckpt", state).wait()
+    fabric.wait()
+    fabric.teardown()
+    assert (tmp_path / "b.ckpt").exists()
+
+
+def test_a_failure_raised_by_the_next_save_is_still_told_by_its_handle(tmp_path: Path) -> None:
+    inner = _GatedIO(fail=("a.ckpt",))
+    fabric = Fabric(checkpoint_io=AsyncCheckpointIO(inner))
+    state = {"model": Tiny()}
+    inner.gate("a.ckpt").set()
+    first = fabric.save(tmp_path / "a.ckpt", state)
+    assert not first.is_durable  # running or failed: never durable
+    inner.gate("b.ckpt").set()
+    with pytest.raises(CheckpointWriteError, match=r"a\.ckpt: disk full") as raised:
+        fabric.save(tmp_path / "b.ckpt", state)  # not looked at through the handle: raised here
+    assert first.exception() is raised.value
+    fabric.wait()  # raised once by the IO, not again
+    fabric.teardown()
+
+
+def test_handles_of_two_successive_saves_track_their_own_write(tmp_path: Path) -> None:
+    inner = _GatedIO(fail=("b.ckpt",))
+    fabric = Fabric(checkpoint_io=AsyncCheckpointIO(inner, max_pending=2))
+    state = make_state()
+    first = fabric.save(tmp_path / "a.ckpt", state)
+    expected_first = snapshot(state["model"])
+    _mutate_everything(state)
+    second = fabric.save(tmp_path / "b.ckpt", state)
+    assert not first.done()
+    assert not second.done()
+    inner.gate("a.ckpt").set()
+    first.wait(timeout=30)
+    assert first.is_durable
+    assert not second.done()  # its own write has not run
+    assert_states_equal(torch.load(tmp_path / "a.ckpt", weights_only=True)["model"], expected_first)
+    inner.gate("b.ckpt").set()
+    with pytest.raises(CheckpointWriteError, match=r"b\.ckpt"):
+        second.wait(timeout=30)
+    assert first.is_durable  # a later failure is not the first save's
+    assert first.exception() is None
+    fabric.teardown()
+
+
+def _bump(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)
+
+
+def test_handle_of_a_sharded_save_waits_for_the_commit(tmp_path: Path) -> None:
+    inner = _GatedIO()
+    fabric = Fabric(strategy=FSDPStrategy(checkpoint_io=AsyncCheckpointIO(inner)))
+    path = tmp_path / "sharded"
+    model = Tiny()
+    inner.gate(path).set()
+    fabric.save(path, {"model": model}).wait()  # a first version, which the second replaces
+    first = snapshot(model)
+    _bump(model)
+    second = snapshot(model)
+    inner.gate(path).clear()
+    handle = fabric.save(path, {"model": model})
+    _bump(model)  # training goes on while the piece is written
+    assert not handle.done()
+    committed = Tiny()
+    Fabric().load(path, {"model": committed})  # a reader that does not wait: the first one
+    assert_states_equal(committed, first)
+    inner.gate(path).set()
+    handle.wait(timeout=30)
+    assert handle.is_durable
+    Fabric().load(path, {"model": committed})
+    assert_states_equal(committed, second)
+    assert_states_differ(model, second)
+    fabric.teardown()
+
+
+class _Uncopyable:
+    def __deepcopy__(self, memo: Any) -> Any:
+        raise RuntimeError("cannot be copied")
+
+
+def test_the_collector_is_paused_only_while_the_caller_copies(tmp_path: Path) -> None:
+    fabric = Fabric(checkpoint_io=AsyncCheckpointIO())
+    assert gc.isenabled()
+    fabric.save(tmp_path / "a.ckpt", {"w": torch.ones(3)})
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError, match="cannot be copied"):
+        fabric.save(tmp_path / "b.ckpt", {"w": torch.ones(3), "odd": _Uncopyable()})
+    assert gc.isenabled()  # enabled again after a failed copy too
+    gc.disable()
+    try:
+        fabric.save(tmp_path / "c.ckpt", {"w": torch.ones(3)})
+        assert not gc.isenabled()  # a user who turned it off keeps it off
+    finally:
+        gc.enable()
+    fabric.teardown()
+    assert not (tmp_path / "b.ckpt").exists()
