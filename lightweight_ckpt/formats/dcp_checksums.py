@@ -275,7 +275,8 @@ def check_items(location: Location, relative: str, wanted: list[tuple[str, int, 
     return problems
 
 
-def _by_piece(items: Iterable[tuple[MetadataIndex, Any]]) -> dict[str, list[tuple[str, int, int]]]:
+def by_piece(items: Iterable[tuple[MetadataIndex, Any]]) -> dict[str, list[tuple[str, int, int]]]:
+    """Group stored items ``[(index, storage info)]`` as ``{piece: [(name, offset, length)]}``."""
     pieces: dict[str, dict[int, tuple[str, int, int]]] = {}
     for index, info in items:
         entry = (str(index.fqn), int(info.offset), int(info.length))
@@ -292,7 +293,7 @@ def verify_items(location: Location, items: Iterable[tuple[MetadataIndex, Any]])
         CorruptCheckpointError: naming the path and every damaged piece and entry.
     """
     problems = []
-    for relative, wanted in sorted(_by_piece(items).items()):
+    for relative, wanted in sorted(by_piece(items).items()):
         problems += check_items(location, relative, wanted)
     if problems:
         raise CorruptCheckpointError(
@@ -304,7 +305,7 @@ def verify_items(location: Location, items: Iterable[tuple[MetadataIndex, Any]])
 def check_all(location: Location, storage_data: Mapping[MetadataIndex, Any]) -> list[str]:
     """Return problems with every stored item in ``storage_data`` (for ``verify``)."""
     problems = []
-    for relative, wanted in sorted(_by_piece(storage_data.items()).items()):
+    for relative, wanted in sorted(by_piece(storage_data.items()).items()):
         problems += _problems_of(location, relative, wanted)
     return problems
 

@@ -50,6 +50,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+from torch.futures import Future
 
 from lightweight_ckpt.errors import (
     CheckpointError,
@@ -60,16 +61,21 @@ from lightweight_ckpt.errors import (
     StateMismatchError,
     UnsafeCheckpointError,
 )
-from lightweight_ckpt.formats import dcp_checksums, dcp_staging, dcp_versions
-from lightweight_ckpt.storage import Location, resolve, staged_write
+from lightweight_ckpt.formats import dcp_checksums, dcp_remote, dcp_staging, dcp_versions
+from lightweight_ckpt.storage import Location, call_with_retries, resolve, staged_write
 
 if TYPE_CHECKING:
     import io
     from collections.abc import Iterator
 
-    from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan, SavePlanner
+    from torch.distributed.checkpoint.planner import (
+        LoadPlan,
+        LoadPlanner,
+        ReadItem,
+        SavePlan,
+        SavePlanner,
+    )
     from torch.distributed.checkpoint.storage import WriteResult
-    from torch.futures import Future
 
     from lightweight_ckpt.types import StorageOptions
 
@@ -106,11 +112,15 @@ def is_sharded(location: Location) -> bool:
 class _VersionedWriter(FsspecWriter):
     """DCP's fsspec writer: pieces in ``<version>/`` with checksum records, ``.metadata`` last."""
 
-    def __init__(self, url: str, version: str, storage_options: StorageOptions | None) -> None:
+    def __init__(
+        self, location: Location, version: str, storage_options: StorageOptions | None
+    ) -> None:
         # sync_files=False: write_records makes pieces and records durable together, one fsync
         # each; DCP's own would fsync a piece before its record exists (a second journal commit)
+        url = location.url
         super().__init__(url, sync_files=False, overwrite=True, **dict(storage_options or {}))
         self._url = url
+        self._remote = not location.is_local
         self._version = version
         self._storage_options = storage_options
         self.fs: Any = dcp_checksums.ChecksumRecorder(self.fs)
@@ -127,9 +137,23 @@ class _VersionedWriter(FsspecWriter):
         ]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        """Write this rank's pieces and their checksum records, durably (before any commit)."""
-        written = super().write_data(plan, planner)
-        dcp_checksums.write_records(self.fs, self.path, written.wait())
+        """Write this rank's pieces and their checksum records, durably (before any commit).
+
+        On object stores each is retried on transient faults: nothing names this version yet,
+        so writing a piece or a record again is safe (``dcp_remote``).
+        """
+        if not self._remote:
+            written = super().write_data(plan, planner)
+            dcp_checksums.write_records(self.fs, self.path, written.wait())
+            return written
+        write = super().write_data
+        written = call_with_retries(self._url, "writing", lambda: write(plan, planner))
+        results = written.wait()
+        call_with_retries(
+            self._url,
+            "writing",
+            lambda: dcp_checksums.write_records(self.fs, self.path, results),
+        )
         return written
 
     def storage_meta(self) -> StorageMeta | None:
@@ -154,7 +178,7 @@ def write(
     checkpoint: dict[str, Any], location: Location, version: str, storage_options: Any
 ) -> None:
     """Save this rank's piece of ``checkpoint`` (a collective: every rank calls it)."""
-    writer = _VersionedWriter(location.url, version, storage_options)
+    writer = _VersionedWriter(location, version, storage_options)
     try:
         with _single_process_ok():
             dcp_save(
@@ -266,8 +290,12 @@ class _SafeReader(FileSystemReader):
             items = [
                 (item.storage_index, self.storage_data[item.storage_index]) for item in plan.items
             ]
-            dcp_checksums.verify_items(self.location, items)
+            self.verify(items)
         return plan
+
+    def verify(self, items: list[tuple[Any, Any]]) -> None:
+        """Check the stored items' CRC32 (through a memory map of each piece on local disk)."""
+        dcp_checksums.verify_items(self.location, items)
 
 
 class _SafeFileSystemReader(_SafeReader):
@@ -275,7 +303,29 @@ class _SafeFileSystemReader(_SafeReader):
 
 
 class _SafeFsspecReader(_SafeReader, FsspecReader):
-    """DCP's fsspec reader, made safe."""
+    """DCP's fsspec reader, made safe; whole items, retried, downloaded once (``dcp_remote``)."""
+
+    _fetched: dcp_remote.FetchedItems | None = None
+
+    def _items(self) -> dcp_remote.FetchedItems:
+        if self._fetched is None:
+            self._fetched = dcp_remote.FetchedItems(self.location)
+        return self._fetched
+
+    def verify(self, items: list[tuple[Any, Any]]) -> None:
+        """Fetch and check every item (kept for ``read_data`` within a memory budget)."""
+        self._items().verify(items)
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        """Read every item of ``plan``, each with one retried ranged read (or the kept copy)."""
+        items = self._items()
+        for request in plan.items:
+            info = self.storage_data[request.storage_index]
+            data = items.take(info.relative_path, int(info.offset), int(info.length))
+            dcp_remote.read_item(request, info, data, planner, self.transforms)
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
 
 
 def _reader(location: Location, storage_options: Any) -> _SafeReader:
@@ -320,6 +370,8 @@ def read_metadata(location: Location, storage_options: Any) -> Metadata:
         CorruptCheckpointError: ``.metadata`` is unreadable.
     """
     dcp_versions.settle(location)  # a removal of replaced versions running here ends first
+    if not location.is_local:  # another process may have committed since this fs listed it
+        location.fs.invalidate_cache(location.path)
     if not location.fs.exists(posixpath.join(location.path, METADATA)):
         entries = location.fs.ls(location.path, detail=False)
         names = [posixpath.basename(entry.rstrip("/")) for entry in entries]
