@@ -11,8 +11,11 @@ runs ``fn``, the ranks agree on whether all succeeded, and a failure anywhere ra
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TypeVar
+import copy
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import torch
 import torch.distributed as dist
 
 from lightweight_ckpt.errors import CheckpointError
@@ -51,6 +54,62 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """Where a tensor was in a broadcast tree: its index in the sent list, shape and dtype."""
+
+    index: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def broadcast_tree(tree: Any, src: int = 0) -> Any:
+    """Return rank ``src``'s ``tree`` (dicts, lists, tuples, CPU tensors, plain values) on all.
+
+    The structure and plain values go as one pickled object; each tensor's bytes go by
+    ``dist.broadcast`` into a fresh tensor on the other ranks (a tensor that appears twice is
+    sent once and stays shared). Every rank ends up holding its own copy.
+    """
+    if not is_distributed() or world_size() == 1:
+        return tree
+    sent: list[torch.Tensor] = []
+    seen: dict[int, _Sent] = {}
+    skeleton = _map(tree, lambda t: _send(t, sent, seen)) if global_rank() == src else None
+    skeleton = broadcast_object(skeleton, src)
+    specs: dict[int, _Sent] = {}
+    _map(skeleton, lambda spec: specs.setdefault(spec.index, spec))
+    received = []
+    for index in range(len(specs)):
+        spec = specs[index]
+        tensor = sent[index] if global_rank() == src else torch.empty(spec.shape, dtype=spec.dtype)
+        if tensor.numel():
+            dist.broadcast(tensor.contiguous().reshape(-1).view(torch.uint8), src=src)
+        received.append(tensor)
+    return tree if global_rank() == src else _map(skeleton, lambda spec: received[spec.index])
+
+
+def _send(tensor: torch.Tensor, sent: list[torch.Tensor], seen: dict[int, _Sent]) -> _Sent:
+    if id(tensor) not in seen:
+        seen[id(tensor)] = _Sent(len(sent), tuple(tensor.shape), tensor.dtype)
+        sent.append(tensor.detach().cpu())
+    return seen[id(tensor)]
+
+
+def _map(tree: Any, fn: Callable[[Any], Any]) -> Any:
+    """Apply ``fn`` to every tensor (or ``_Sent`` placeholder) leaf of ``tree``; copy the rest."""
+    if isinstance(tree, (torch.Tensor, _Sent)):
+        return fn(tree)
+    if isinstance(tree, dict):
+        out = copy.copy(tree)  # keeps the mapping's type (OrderedDict, defaultdict, ...)
+        out.update((key, _map(value, fn)) for key, value in tree.items())
+        return out
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # a namedtuple
+        return type(tree)(*(_map(value, fn) for value in tree))
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_map(value, fn) for value in tree)
+    return tree
 
 
 class RankFailedError(CheckpointError, RuntimeError):

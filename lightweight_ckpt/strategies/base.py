@@ -8,7 +8,9 @@ state dicts are produced and restored by overriding small hooks, never the pipel
 - ``module_target`` / ``load_module_state_dict`` / ``load_optimizer_state_dict``: what a load
   compares against and how it restores (FSDP: DCP's setters);
 - ``check_state``: refuse state the strategy cannot handle, before any collective;
-- ``write``: who writes (single device: this process; DDP: rank 0; sharded: every rank a piece).
+- ``write``: who writes (single device: this process; DDP: rank 0; sharded: every rank a piece);
+- ``read_shared``: who reads a single file (by default every rank; DDP: rank 0 for remote files,
+  broadcast to the others).
 
 Save: check → agree on the path → collect (convert + filter) → ``write``; a failure on any rank
 raises on every rank.
@@ -168,6 +170,16 @@ class Strategy:
             optimizer, owner_module(optimizer, state)
         )
 
+    def read_shared(
+        self, path: StrPath, weights_only: bool | None, storage_options: StorageOptions | None
+    ) -> CheckpointReader | None:
+        """Return a single file read once and shared with this rank, or None (it reads it).
+
+        Called on every rank before a single file is opened; DDP reads a remote file on rank 0
+        and broadcasts it.
+        """
+        return None
+
     def write(
         self, checkpoint: Checkpoint, path: StrPath, storage_options: StorageOptions | None
     ) -> None:
@@ -239,9 +251,12 @@ class Strategy:
 
         With ``raw``, the file is one state dict for ``state[RAW_KEY]``. Runs on every rank.
         """
+        shared = self.read_shared(path, weights_only, storage_options)
         opened = self.run_on_all_ranks(
             "read",
-            lambda: self._open_file(path, state, strict, weights_only, storage_options, raw=raw),
+            lambda: self._open_file(
+                path, state, strict, weights_only, storage_options, raw=raw, shared=shared
+            ),
             on_abort=OpenFile.close,
         )
         return self.run_on_all_ranks("restore", lambda: self._restore_file(opened))
@@ -255,13 +270,21 @@ class Strategy:
         storage_options: StorageOptions | None,
         *,
         raw: bool,
+        shared: CheckpointReader | None = None,
     ) -> OpenFile:
-        """Open, plan and verify one file on this rank; change nothing the caller owns."""
-        reader = self.checkpoint_io.open_checkpoint(
-            path,
-            map_location=self.map_location,
-            weights_only=weights_only,
-            storage_options=storage_options,
+        """Open, plan and verify one file on this rank; change nothing the caller owns.
+
+        ``shared``: the file as ``read_shared`` handed it to this rank (then nothing is read).
+        """
+        reader = (
+            shared
+            if shared is not None
+            else self.checkpoint_io.open_checkpoint(
+                path,
+                map_location=self.map_location,
+                weights_only=weights_only,
+                storage_options=storage_options,
+            )
         )
         try:
             return self._check_file(reader, path, state, strict, raw=raw)

@@ -3,18 +3,28 @@
 Every rank calls ``save`` and ``load``. The checkpoint is the single-device file (a
 ``torch.load``-compatible zip), written by rank 0 only; ``save`` returns on every rank after the
 ranks agreed that the write committed, so the file is complete wherever ``save`` has returned.
-A failure on rank 0 raises on every rank. Every rank loads the same file: on local disk each rank
-maps it (one copy in the page cache, shared) and reads straight into its own parameters.
+A failure on rank 0 raises on every rank.
+
+Loads, measured (``benchmarks/ddp_load.py``): on local disk every rank maps the file (one copy in
+the page cache, shared) and reads straight into its own parameters, which beats reading once and
+broadcasting. On any other filesystem (object stores) every rank reading would download the
+file once per rank, so rank 0 downloads and verifies it once and broadcasts it
+(``collectives.broadcast_tree``); then every rank checks and restores from that copy through the
+same two agreed steps. That copy is the whole checkpoint in memory on each rank for the duration
+of the load.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from lightweight_ckpt import collectives
+from lightweight_ckpt.io import LoadedReader
 from lightweight_ckpt.state import find_sharded
 from lightweight_ckpt.strategies.base import Strategy
 
 if TYPE_CHECKING:
+    from lightweight_ckpt.io import CheckpointReader
     from lightweight_ckpt.types import Checkpoint, State, StorageOptions, StrPath
 
 
@@ -36,3 +46,27 @@ class DDPStrategy(Strategy):
         """Write on rank 0 only."""
         if self.is_global_zero:
             super().write(checkpoint, path, storage_options)
+
+    def read_shared(
+        self, path: StrPath, weights_only: bool | None, storage_options: StorageOptions | None
+    ) -> CheckpointReader | None:
+        """A remote file: rank 0 reads and verifies it once and broadcasts it to every rank."""
+        if self.world_size == 1 or self.checkpoint_io.locate(path, storage_options).is_local:
+            return None
+
+        def download() -> Any:
+            if not self.is_global_zero:
+                return None
+            with self.checkpoint_io.open_checkpoint(
+                path,
+                map_location=self.map_location,
+                weights_only=weights_only,
+                storage_options=storage_options,
+            ) as reader:
+                checkpoint = reader.skeleton()
+                reader.verify({})
+                reader.fill()
+            return checkpoint
+
+        checkpoint = self.run_on_all_ranks("read once", download)
+        return LoadedReader(collectives.broadcast_tree(checkpoint))

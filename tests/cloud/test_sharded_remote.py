@@ -9,6 +9,7 @@ distributed one.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from lightweight_ckpt.storage import resolve
 from lightweight_ckpt.strategies import FSDPStrategy
 from tests.cloud.test_cloud_retries import Proxied, _proxied
 from tests.helpers.asserts import assert_states_differ, assert_states_equal, snapshot
+from tests.helpers.distributed import run_distributed
 from tests.helpers.proxy import Fault
 from tests.helpers.servers import GCSFS_LARGE_BODY_WARNING, PROTOCOLS
 
@@ -143,3 +145,43 @@ def test_a_transient_fault_writing_a_piece_is_retried(proxied_s3: Proxied) -> No
 @pytest.fixture
 def proxied_s3(request: pytest.FixtureRequest) -> Iterator[Proxied]:
     yield from _proxied(request, "s3")
+
+
+# -- DDP: a remote single file is downloaded once (rank 0) and broadcast ----------------------
+
+
+def _ddp_load_once(rank: int, world_size: int, url: str, direct: Any, proxied: Any) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    model, optimizer = _trained(seed=5)  # every rank the same, as DDP keeps them
+    ddp = DistributedDataParallel(model)
+    fabric = Fabric()
+    fabric.save(url, {"model": ddp, "optimizer": optimizer, "step": 5}, storage_options=direct)
+    expected = {"model": snapshot(model), "optimizer": optimizer.state_dict()}
+
+    other, other_optimizer = _trained(seed=6 + rank)
+    assert_states_differ(snapshot(other), expected["model"])
+    state: dict[str, Any] = {"model": other, "optimizer": other_optimizer, "step": 0}
+    fabric.load(url, state, storage_options=proxied)
+    assert_states_equal(snapshot(other), expected["model"])
+    assert_states_equal(other_optimizer.state_dict()["state"], expected["optimizer"]["state"])
+    assert state["step"] == 5
+    del ddp
+
+
+@pytest.mark.distributed
+def test_ddp_load_of_a_remote_file_downloads_it_once(proxied_s3: Proxied, tmp_path: Path) -> None:
+    url = proxied_s3.store.url("ddp.ckpt")
+    run_distributed(
+        _ddp_load_once,
+        2,
+        tmp_path,
+        args=(url, proxied_s3.store.storage_options, proxied_s3.options),
+    )
+    size = proxied_s3.store.fs.size(proxied_s3.store.path("ddp.ckpt"))
+    fetched = sum(
+        length
+        for method, target, length, _ in proxied_s3.proxy.requests
+        if method == "GET" and "ddp.ckpt" in target
+    )
+    assert size <= fetched < 1.5 * size  # every rank reading would fetch it twice

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -146,3 +147,49 @@ def test_ddp_load_raw_of_plain_file(tmp_path: Path) -> None:
     path = tmp_path / "friend.pt"
     torch.save(Tiny().state_dict(), path)
     run_distributed(_load_raw, 2, tmp_path, args=(str(path),))
+
+
+# -- broadcast_tree: what DDP uses to share a remote file read once ------------------------------
+
+
+class Pair(NamedTuple):
+    a: torch.Tensor
+    b: str
+
+
+def _broadcast_tree(rank: int, world_size: int) -> None:
+    import collections
+
+    from lightweight_ckpt.collectives import broadcast_tree
+
+    shared = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    tree = {
+        "weights": {"tied": shared, "also": shared, "t": shared.t()},  # a view, non-contiguous
+        "kinds": [torch.tensor([True, False]), torch.ones(3, dtype=torch.bfloat16) / 3],
+        "empty": torch.empty(0, 4),
+        "pair": Pair(torch.tensor(7), "label"),
+        "ordered": collections.OrderedDict(z=1, a=torch.tensor([2, 3], dtype=torch.int64)),
+        "plain": {"step": 3, "name": "x", "none": None},
+    }
+    got = broadcast_tree(tree if rank == 0 else None)
+    if rank == 0:
+        assert got is tree
+        return
+    assert got["weights"]["tied"] is got["weights"]["also"]  # shared once, stays shared
+    assert torch.equal(got["weights"]["tied"], shared)
+    assert torch.equal(got["weights"]["t"], shared.t())
+    assert got["kinds"][0].dtype == torch.bool
+    assert torch.equal(got["kinds"][0], tree["kinds"][0])
+    assert torch.equal(got["kinds"][1], tree["kinds"][1])
+    assert got["empty"].shape == (0, 4)
+    assert isinstance(got["pair"], Pair)
+    assert got["pair"].a.item() == 7
+    assert got["pair"].b == "label"
+    assert isinstance(got["ordered"], collections.OrderedDict)
+    assert list(got["ordered"]) == ["z", "a"]
+    assert torch.equal(got["ordered"]["a"], tree["ordered"]["a"])
+    assert got["plain"] == tree["plain"]
+
+
+def test_broadcast_tree_gives_every_rank_rank0s_tensors_and_values(tmp_path: Path) -> None:
+    run_distributed(_broadcast_tree, 2, tmp_path)
