@@ -159,6 +159,8 @@ def run_store(store: str, args: argparse.Namespace, log_dir: Path) -> list[dict[
         bucket = create_bucket(fsspec.filesystem(store, **options), store)
         common = {"store": store, "endpoint": server.endpoint}
         for op, names in (("save", SAVES), ("load", LOADS)):
+            if op not in args.ops.split(","):
+                continue
             for name in names:
                 for rnd in range(args.rounds):
                     url = f"{store}://{bucket}/{'ours' if op == 'load' else name}.ckpt"
@@ -239,6 +241,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size-mb", type=float, default=512.0, help="state size in MB (default 512)")
     p.add_argument("--rounds", type=int, default=1, help="rounds per contender (median shown)")
     p.add_argument("--stores", default="s3,gs", help="comma list of s3, gs")
+    p.add_argument("--ops", default="save,load", help="comma list of save, load")
     p.add_argument("--dir", type=Path, default=None, help="scratch dir for server logs")
     p.add_argument("--json", type=Path, default=None, help="also write raw results here")
     worker = p.add_argument_group("worker (internal)")

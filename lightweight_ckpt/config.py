@@ -14,6 +14,14 @@ downloaded once (default: the system's temporary directory; ``none`` downloads t
 The spool is an unnamed file, gone when the load ends or the process dies; it is not used on a
 RAM-backed filesystem (tmpfs) or where free space is short.
 
+``LWCKPT_PART_BYTES``: the part size of S3 multipart saves (default 8 MiB, at least S3's 5 MiB;
+it doubles every 1000 parts), ``LWCKPT_PARTS_IN_FLIGHT`` parts uploading at once (default 4). A
+save holds at most ``(parts_in_flight + 1) * part_bytes`` of the checkpoint in memory.
+
+``LWCKPT_PROGRESS``: progress bars (tqdm, the ``progress`` extra) for remote uploads and
+downloads that last over a second: ``auto`` (default) when stderr is a terminal, ``on``, ``off``.
+Every save and load also logs its size, time and throughput at INFO.
+
     with config.override(io_threads=1):
         fabric.load(path, state)
 """
@@ -40,6 +48,16 @@ class Settings:
     retry_backoff_s: float = 0.5
     retry_deadline_s: float = 300.0
     spool_dir: str = ""
+    part_bytes: int = 8 << 20
+    parts_in_flight: int = 4
+    progress: str = "auto"
+
+
+def _choice(name: str, choices: tuple[str, ...]) -> str:
+    value = os.environ.get(name, choices[0]).strip().lower()
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+    return value
 
 
 def _from_env() -> Settings:
@@ -52,6 +70,9 @@ def _from_env() -> Settings:
         retry_backoff_s=max(0.0, float(os.environ.get("LWCKPT_RETRY_BACKOFF_S", "0.5"))),
         retry_deadline_s=max(0.0, float(os.environ.get("LWCKPT_RETRY_DEADLINE_S", "300"))),
         spool_dir=os.environ.get("LWCKPT_SPOOL_DIR", ""),
+        part_bytes=max(5 << 20, int(os.environ.get("LWCKPT_PART_BYTES", str(8 << 20)))),
+        parts_in_flight=max(1, int(os.environ.get("LWCKPT_PARTS_IN_FLIGHT", "4"))),
+        progress=_choice("LWCKPT_PROGRESS", ("auto", "on", "off")),
     )
 
 

@@ -3,12 +3,14 @@
 Formats fetch exactly the byte ranges they need and read straight into tensor memory: on local
 disk with ``preadv`` (or a private memory map), remotely through ``fs.cat_file`` ranges fetched
 in parallel (``io_threads`` GETs of at most ``chunk_bytes`` in flight, so memory stays bounded),
-each retried on its own (``retries.call_with_retries``). ``SourceFile`` wraps a ``Source`` as a
+each retried on its own (``retries.call_with_retries``), counted on a progress bar
+(``progress.transfer_bar``). ``SourceFile`` wraps a ``Source`` as a
 seekable file object for ``zipfile`` and ``torch.load``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import mmap
 import os
@@ -22,6 +24,7 @@ from lightweight_ckpt.errors import (
     CorruptCheckpointError,
     InvalidCheckpointError,
 )
+from lightweight_ckpt.progress import transfer_bar
 from lightweight_ckpt.retries import call_with_retries
 
 if TYPE_CHECKING:
@@ -109,6 +112,8 @@ class _FsspecSource:
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._blocks: dict[int, bytes] = {}
+        self._bar = contextlib.ExitStack()  # closed with the source
+        self._advance = self._bar.enter_context(transfer_bar(f"loading {url}"))
 
     def read_at(self, offset: int, size: int) -> bytes:
         end = min(offset + size, self.size)
@@ -120,11 +125,13 @@ class _FsspecSource:
         return self._get(offset, end)
 
     def _get(self, start: int, end: int) -> bytes:
-        return bytes(
+        data = bytes(
             call_with_retries(
                 self.url, "reading", lambda: self._fs.cat_file(self._path, start=start, end=end)
             )
         )
+        self._advance(len(data))
+        return data
 
     def _block(self, start: int) -> bytes:
         """A cached read-ahead block: index reads (zip headers, directory) are many and tiny."""
@@ -167,10 +174,11 @@ class _FsspecSource:
         return None
 
     def close(self) -> None:
-        """Stop the range pool; nothing else is held open between reads."""
+        """Stop the range pool and the progress bar; nothing else is held between reads."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        self._bar.close()
 
 
 class SourceFile(io.RawIOBase):

@@ -29,6 +29,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 from lightweight_ckpt.config import settings
 from lightweight_ckpt.errors import CheckpointError, CheckpointWriteError
 from lightweight_ckpt.location import Location, resolve
+from lightweight_ckpt.progress import transfer_bar
 from lightweight_ckpt.retries import (
     REMEDIES,
     RetryPolicy,
@@ -39,6 +40,7 @@ from lightweight_ckpt.retries import (
 from lightweight_ckpt.sources import Source, SourceFile, open_source
 from lightweight_ckpt.uploads import (
     IncompleteUpload,
+    S3PartWriter,
     abort_incomplete_uploads,
     incomplete_uploads,
 )
@@ -66,6 +68,7 @@ __all__ = [
 ]
 
 _DEFERRED_COMMIT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs"})
+_S3_PROTOCOLS = frozenset({"s3", "s3a"})
 
 
 def _sibling_temp(location: Location) -> str:
@@ -161,18 +164,35 @@ def _staged_local(location: Location) -> Iterator[Sink]:
 
 @contextlib.contextmanager
 def _staged_deferred(location: Location) -> Iterator[Sink]:
-    remote = location.fs.open(location.path, "wb", autocommit=False)
+    with transfer_bar(f"saving {location.url}") as advance:
+        if location.protocol in _S3_PROTOCOLS:
+            with _staged_s3(location, advance) as sink:
+                yield sink
+            return
+        remote = location.fs.open(location.path, "wb", autocommit=False)
+        try:
+            yield _ChunkedWriter(remote, advance)
+            remote.close()
+            remote.commit()  # a failed commit is discarded below: no upload left in progress
+        except BaseException:
+            with contextlib.suppress(Exception):
+                remote.discard()  # aborts the multipart upload
+            remote.closed = True  # or its __del__ would flush a new, orphan upload
+            raise
+        finally:
+            _forget(location.fs, remote)
+
+
+@contextlib.contextmanager
+def _staged_s3(location: Location, advance: Callable[[int], None]) -> Iterator[Sink]:
+    tunables = settings()
+    writer = S3PartWriter(location, tunables.part_bytes, tunables.parts_in_flight, advance)
     try:
-        yield _ChunkedWriter(remote)
-        remote.close()
-        remote.commit()  # a failed commit is discarded below: no upload left in progress
+        yield writer
+        writer.commit()
     except BaseException:
-        with contextlib.suppress(Exception):
-            remote.discard()  # aborts the multipart upload
-        remote.closed = True  # or its __del__ would flush a new, orphan upload
+        writer.discard()  # aborts the multipart upload; never raises
         raise
-    finally:
-        _forget(location.fs, remote)
 
 
 def _forget(fs: Any, remote: Any) -> None:
@@ -190,8 +210,8 @@ def _staged_move(location: Location) -> Iterator[Sink]:
         fs.makedirs(parent, exist_ok=True)
     temp = _sibling_temp(location)
     try:
-        with fs.open(temp, "wb") as remote:
-            yield _ChunkedWriter(remote)
+        with transfer_bar(f"saving {location.url}") as advance, fs.open(temp, "wb") as remote:
+            yield _ChunkedWriter(remote, advance)
         fs.mv(temp, location.path)
     except BaseException:
         with contextlib.suppress(Exception):
@@ -206,14 +226,16 @@ class _ChunkedWriter:
     one 2 GB tensor would otherwise sit twice in memory.
     """
 
-    def __init__(self, file: IO[bytes]) -> None:
+    def __init__(self, file: IO[bytes], advance: Callable[[int], None]) -> None:
         self._file = file
+        self._advance = advance
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
         step = settings().chunk_bytes
         for start in range(0, len(view), step):
             self._file.write(view[start : start + step])
+            self._advance(min(step, len(view) - start))
         return len(view)
 
     def flush(self) -> None:

@@ -1,20 +1,234 @@
-"""Multipart uploads on object stores: the S3 multipart uploads a killed save leaves behind.
+"""Multipart uploads to S3: streamed with bounded memory, published whole; and their cleanup.
 
-``incomplete_uploads`` / ``abort_incomplete_uploads`` list and abort them (they are invisible,
-but are stored and billed until aborted).
+``S3PartWriter`` is the sink of an S3 save (``storage.staged_write``). It copies what it is given
+into part buffers of ``part_bytes`` and uploads each full one on a pool of ``parts_in_flight``
+threads while the next fills, so a save holds at most ``(parts_in_flight + 1) * part_bytes``
+bytes of the checkpoint, whatever its size. s3fs's own writer holds a 50 MiB block in a growing
+``BytesIO`` and uploads it in one part, after copying it twice (``read()`` of the block, then
+botocore/aiohttp's ``BytesIO`` of the bytes), one part at a time while serialization waits.
+Here a part's body is a file object over its buffer, which the HTTP client reads 64 KiB at a
+time: no copy of the part. Parts grow (x2 every 1000 parts) to stay within S3's 10,000.
+
+The object is published only by ``commit()`` (``complete_multipart_upload``; a checkpoint
+smaller than one part is one ``put_object``, atomic as well); ``discard()`` aborts the upload.
+Parts go to the client directly: botocore's retries rewind a part's body, while s3fs's retry
+loop would resend it consumed. A failure that outlasts them fails the save, which
+``storage.write_with_retries`` restarts from its first byte into a fresh upload.
+
+``incomplete_uploads`` / ``abort_incomplete_uploads`` list and abort the S3 multipart uploads a
+killed save leaves behind (they are invisible, but are stored and billed until aborted).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import io
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from fsspec.asyn import sync
 
 from lightweight_ckpt.retries import call_with_retries
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from lightweight_ckpt.location import Location
+
+S3_MIN_PART_BYTES = 5 * 2**20  # every part but the last
+S3_MAX_PART_BYTES = 5 * 2**30
+_PARTS_PER_SIZE = 1000  # part size doubles after each 1000 parts (S3 allows 10,000)
+
+
+def part_size(number: int, part_bytes: int) -> int:
+    """The size of part ``number`` (from 1): ``part_bytes``, doubled every 1000 parts.
+
+    With 8 MiB parts, S3's 10,000 parts hold 7.8 TiB (S3's largest object is 5 TiB); a part is
+    never over S3's 5 GiB.
+    """
+    return min(S3_MAX_PART_BYTES, part_bytes << ((number - 1) // _PARTS_PER_SIZE))
+
+
+class _PartBody(io.RawIOBase):
+    """A read-only, seekable file over one part's buffer: the client reads it in small pieces."""
+
+    def __init__(self, data: memoryview) -> None:
+        self._data = data
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._data)}[whence]
+        self._pos = min(max(0, base + offset), len(self._data))
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        piece = self._data[self._pos : self._pos + len(buffer)]
+        memoryview(buffer).cast("B")[: len(piece)] = piece
+        self._pos += len(piece)
+        return len(piece)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class S3PartWriter:
+    """A sink that streams one S3 object as a multipart upload; see the module docstring.
+
+    Args:
+        location: the object (an s3fs filesystem and ``bucket/key``).
+        part_bytes: the size of every part but the last (at least 5 MiB).
+        parts_in_flight: parts uploading at once, on as many threads.
+        on_part: called with the byte count of every part the store has acknowledged.
+    """
+
+    def __init__(
+        self,
+        location: Location,
+        part_bytes: int,
+        parts_in_flight: int,
+        on_part: Callable[[int], None] | None = None,
+    ) -> None:
+        self._location = location
+        self._bucket, _, self._key = location.path.partition("/")
+        self._part_bytes = max(S3_MIN_PART_BYTES, part_bytes)
+        self._on_part = on_part
+        self._slots = threading.BoundedSemaphore(parts_in_flight)
+        self._pool = ThreadPoolExecutor(parts_in_flight, thread_name_prefix="lwckpt-put")
+        self._spare: list[bytearray] = []  # buffers whose upload ended, for the next parts
+        self._buffer = bytearray(self._part_bytes)
+        self._filled = 0
+        self._written = 0
+        self._upload_id: str | None = None
+        self._parts: list[Future[dict[str, Any]]] = []
+
+    def write(self, data: Any) -> int:
+        """Copy ``data`` into part buffers, uploading each as it fills; return the byte count."""
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            take = min(len(view) - done, len(self._buffer) - self._filled)
+            self._buffer[self._filled : self._filled + take] = view[done : done + take]
+            self._filled += take
+            done += take
+            if self._filled == len(self._buffer):
+                self._send_part()
+        self._written += len(view)
+        return len(view)
+
+    def flush(self) -> None:
+        """Do nothing: full parts are already on their way, and the rest waits for commit."""
+
+    def tell(self) -> int:
+        """Return the number of bytes written so far."""
+        return self._written
+
+    def commit(self) -> None:
+        """Upload what is left, wait for every part, and publish the object."""
+        if self._upload_id is None:  # smaller than one part: one PUT, atomic too
+            self._client_call("put_object", memoryview(self._buffer)[: self._filled])
+            if self._on_part is not None:
+                self._on_part(self._filled)
+        else:
+            if self._filled:
+                self._send_part()
+            parts = [future.result() for future in self._parts]
+            self._location.fs.call_s3(
+                "complete_multipart_upload",
+                Bucket=self._bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
+                MultipartUpload={"Parts": parts},
+            )
+        self._location.fs.invalidate_cache(self._location.path)
+        self._close()
+
+    def discard(self) -> None:
+        """Stop the part uploads and abort the multipart upload (nothing is published)."""
+        self._close()
+        if self._upload_id is not None:
+            upload_id, self._upload_id = self._upload_id, None
+            with contextlib.suppress(Exception):
+                self._location.fs.call_s3(
+                    "abort_multipart_upload", Bucket=self._bucket, Key=self._key, UploadId=upload_id
+                )
+
+    def _close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._spare.clear()
+
+    def _send_part(self) -> None:
+        for future in self._parts:  # a failed part fails the save now, not at commit
+            if future.done() and future.exception() is not None:
+                future.result()
+        if self._upload_id is None:
+            created = self._location.fs.call_s3(
+                "create_multipart_upload", Bucket=self._bucket, Key=self._key
+            )
+            self._upload_id = str(created["UploadId"])
+        self._slots.acquire()  # at most parts_in_flight uploads (and their buffers) at once
+        number = len(self._parts) + 1
+        buffer, size = self._buffer, self._filled
+        self._parts.append(self._pool.submit(self._upload_part, number, buffer, size))
+        want = part_size(number + 1, self._part_bytes)
+        spare = self._spare.pop() if self._spare else None
+        self._buffer = spare if spare is not None and len(spare) == want else bytearray(want)
+        self._filled = 0
+
+    def _upload_part(self, number: int, buffer: bytearray, size: int) -> dict[str, Any]:
+        try:
+            out = self._client_call(
+                "upload_part",
+                memoryview(buffer)[:size],
+                PartNumber=number,
+                UploadId=self._upload_id,
+            )
+            if self._on_part is not None:
+                self._on_part(size)
+            part = {"PartNumber": number, "ETag": out["ETag"]}
+            if "ChecksumSHA256" in out:  # as s3fs: the one checksum complete needs repeated
+                part["ChecksumSHA256"] = out["ChecksumSHA256"]
+            return part
+        finally:
+            self._spare.append(buffer)  # list.append is atomic; the filler pops
+            self._slots.release()
+
+    def _client_call(self, method: str, data: memoryview, **params: Any) -> dict[str, Any]:
+        """Call ``method`` with ``data`` as the body, on the client directly (see the docstring).
+
+        botocore's own retries rewind the body; s3fs's would resend it consumed.
+        """
+        fs = self._location.fs
+        params.update(Bucket=self._bucket, Key=self._key, Body=_PartBody(data))
+        return sync(fs.loop, _client_call, fs, method, params)  # type: ignore[no-any-return]
+
+
+async def _client_call(fs: Any, method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``method`` on the fs's client, with the fs's extra arguments (encryption, payer)."""
+    from botocore.exceptions import ClientError  # type: ignore[import-untyped]  # noqa: PLC0415
+    from s3fs.errors import translate_boto_error  # noqa: PLC0415
+
+    await fs.set_session()
+    client = await fs.get_s3(params["Bucket"])
+    name = client.meta.method_to_api_mapping[method]
+    members = client.meta.service_model.operation_model(name).input_shape.members
+    extra = {k: v for k, v in {**fs.s3_additional_kwargs, **fs.req_kw}.items() if k in members}
+    try:
+        result: dict[str, Any] = await getattr(client, method)(**extra, **params)
+    except ClientError as err:
+        raise translate_boto_error(err) from err  # as s3fs: OSError, PermissionError, ...
+    return result
 
 
 @dataclass(frozen=True)

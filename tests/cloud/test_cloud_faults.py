@@ -14,6 +14,7 @@ remote file's ``write``, after the server has acknowledged several parts.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import select
@@ -29,7 +30,7 @@ import pytest
 import torch
 from fsspec.spec import AbstractBufferedFile
 
-from lightweight_ckpt import CheckpointWriteError, Fabric
+from lightweight_ckpt import CheckpointWriteError, Fabric, uploads
 from lightweight_ckpt.config import override
 from lightweight_ckpt.storage import abort_incomplete_uploads, resolve
 from tests.helpers.asserts import assert_states_equal, snapshot
@@ -98,23 +99,62 @@ class InjectedConnectionError(ConnectionResetError):
 def _fail_mid_upload(
     monkeypatch: pytest.MonkeyPatch, store: Store, key: str, error: BaseException
 ) -> dict[str, int]:
-    """Make the remote file's ``write`` raise ``error`` once PARTS_BEFORE_FAILURE parts are sent.
+    """Make the upload raise ``error`` once PARTS_BEFORE_FAILURE parts are on the server.
 
-    A KeyboardInterrupt there is a Ctrl-C arriving while the save runs: it must come out as
-    itself, not as some other error that a training loop might catch and carry on after.
+    A connection reset comes from the transport: on S3 from the request that uploads the next
+    part (on a part-upload thread), on GCS from the remote file's ``write`` (gcsfs uploads each
+    chunk inside it). A KeyboardInterrupt is a Ctrl-C arriving while the save runs, so in the
+    thread that writes the checkpoint: it must come out as itself, not as some other error that
+    a training loop might catch and carry on after.
     """
-    original = AbstractBufferedFile.write
     threshold = PARTS_BEFORE_FAILURE * BLOCK_BYTES[store.protocol]
     seen: dict[str, int] = {}
 
-    def write(self: AbstractBufferedFile, data: Any) -> int:
+    def record(sent_bytes: int) -> None:
+        seen["sent_bytes"] = sent_bytes
+        seen["server_parts"] = _server_parts(store, key)
+
+    if store.protocol == "s3" and not isinstance(error, KeyboardInterrupt):
+        original_call = uploads._client_call
+
+        async def client_call(fs: Any, method: str, params: dict[str, Any]) -> dict[str, Any]:
+            number = params.get("PartNumber", 0)
+            if method == "upload_part" and number > PARTS_BEFORE_FAILURE:
+                ids = {k: params[k] for k in ("Bucket", "Key", "UploadId")}
+                for _ in range(200):  # the earlier parts may still be in flight
+                    parts = (await fs._call_s3("list_parts", **ids)).get("Parts", [])
+                    if len(parts) >= PARTS_BEFORE_FAILURE:
+                        break
+                    await asyncio.sleep(0.05)
+                seen.update(sent_bytes=(number - 1) * BLOCK_BYTES["s3"], server_parts=len(parts))
+                raise error
+            return await original_call(fs, method, params)
+
+        monkeypatch.setattr(uploads, "_client_call", client_call)
+        return seen
+
+    if store.protocol == "s3":  # Ctrl-C in the writing thread, once parts are on the server
+        original_write = uploads.S3PartWriter.write
+
+        def write(self: uploads.S3PartWriter, data: Any) -> int:
+            if self.tell() >= threshold:
+                record(self.tell())
+                if seen["server_parts"] >= PARTS_BEFORE_FAILURE:
+                    raise error
+            return original_write(self, data)
+
+        monkeypatch.setattr(uploads.S3PartWriter, "write", write)
+        return seen
+
+    original = AbstractBufferedFile.write
+
+    def remote_write(self: AbstractBufferedFile, data: Any) -> int:
         if self.mode == "wb" and (self.offset or 0) >= threshold:
-            seen["sent_bytes"] = int(self.offset)
-            seen["server_parts"] = _server_parts(store, key)
+            record(int(self.offset))
             raise error
         return int(original(self, data))
 
-    monkeypatch.setattr(AbstractBufferedFile, "write", write)
+    monkeypatch.setattr(AbstractBufferedFile, "write", remote_write)
     return seen
 
 
@@ -132,7 +172,7 @@ def test_failure_mid_upload_publishes_nothing(
     error = KeyboardInterrupt() if interrupt else reset
     seen = _fail_mid_upload(monkeypatch, store, "last.ckpt", error)
     expected: type[BaseException] = KeyboardInterrupt if interrupt else CheckpointWriteError
-    with override(chunk_bytes=MIB), pytest.raises(expected) as info:
+    with override(chunk_bytes=MIB, part_bytes=BLOCK_BYTES["s3"]), pytest.raises(expected) as info:
         Fabric().save(url, big_state(), storage_options=store.storage_options)
     monkeypatch.undo()
     if not interrupt:  # a CheckpointWriteError naming the path and the cause
@@ -185,6 +225,7 @@ SAVER = textwrap.dedent(
 
     from lightweight_ckpt import Fabric
     from lightweight_ckpt.config import override
+    from lightweight_ckpt.uploads import S3PartWriter
 
     url, options = sys.argv[1], json.loads(sys.argv[2])
     n_tensors, numel = int(sys.argv[3]), int(sys.argv[4])
@@ -197,11 +238,20 @@ SAVER = textwrap.dedent(
             print(f"sent {self.offset}", flush=True)
             time.sleep(0.5)
 
-    AbstractBufferedFile.flush = flush
+    original_part = S3PartWriter._upload_part
+
+    def upload_part(self, number, buffer, size):
+        part = original_part(self, number, buffer, size)
+        print(f"sent part {number}", flush=True)
+        time.sleep(0.5)
+        return part
+
+    AbstractBufferedFile.flush = flush  # GCS: gcsfs sends a chunk from flush
+    S3PartWriter._upload_part = upload_part  # S3: our part uploads
     state = {
         "tensors": {f"t{i}": torch.full((numel,), i, dtype=torch.int32) for i in range(n_tensors)}
     }
-    with override(chunk_bytes=2**20):
+    with override(chunk_bytes=2**20, part_bytes=5 * 2**20, parts_in_flight=1):
         Fabric().save(url, state, storage_options=options)
     print("saved", flush=True)
     """

@@ -78,7 +78,12 @@ def _proxied(request: pytest.FixtureRequest, protocol: str) -> Iterator[Proxied]
                 }
             else:
                 options["requests_timeout"] = 2  # seconds per request (aiohttp)
-            with override(retry_attempts=3, retry_backoff_s=0.05, chunk_bytes=RANGE_BYTES):
+            with override(
+                retry_attempts=3,
+                retry_backoff_s=0.05,
+                chunk_bytes=RANGE_BYTES,
+                part_bytes=BLOCK_BYTES["s3"],
+            ):
                 yield Proxied(store, proxy, options)
 
 
@@ -189,7 +194,8 @@ def test_lasting_fault_during_fill_says_the_state_is_partial(proxied_s3: Proxied
     """After verification the bound tensors are read again, into the targets.
 
     A fault that outlasts the retries there cannot be undone (no second copy is kept, by
-    design): the error says so.
+    design): the error says so. Without a spool (``LWCKPT_SPOOL_DIR=none``), so that the fill
+    pass reads from the store again.
     """
     url = proxied_s3.store.url("last.ckpt")
     _save_direct(proxied_s3, url)
@@ -197,7 +203,7 @@ def test_lasting_fault_during_fill_says_the_state_is_partial(proxied_s3: Proxied
     proxied_s3.proxy.add(Fault("status", skip=verify_reads, times=None, **DATA_GET))
     target = fresh_like(make_state(WIDTH), width=WIDTH)
 
-    with pytest.raises(CheckpointReadError) as info:
+    with override(spool_dir="none"), pytest.raises(CheckpointReadError) as info:
         Fabric().load(url, target, storage_options=proxied_s3.options)
 
     assert "reading into the targets then failed" in str(info.value)

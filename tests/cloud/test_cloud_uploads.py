@@ -1,19 +1,27 @@
-"""Incomplete multipart uploads (what a killed save leaves on S3): listed by prefix, aborted.
+"""S3 multipart saves: streamed in bounded parts; incomplete uploads listed by prefix, aborted.
 
-Uploads are started with real s3fs calls on the moto server (as a killed save leaves them:
-created, parts sent, never completed); ``test_cloud_faults`` shows a SIGKILLed save leaving one.
+A save's parts are counted where they leave the client (``uploads._client_call``, the one call
+that sends a part), against the moto server. Incomplete uploads are started with real s3fs
+calls (as a killed save leaves them: created, parts sent, never completed);
+``test_cloud_faults`` shows a SIGKILLed save leaving one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import torch
 
-from lightweight_ckpt import cli
+from lightweight_ckpt import Fabric, cli, uploads
+from lightweight_ckpt.config import override
 from lightweight_ckpt.storage import abort_incomplete_uploads, incomplete_uploads, resolve
+from tests.helpers.asserts import assert_states_differ, assert_states_equal
+from tests.helpers.models import fresh_like, make_state
 from tests.helpers.servers import Store, open_store
 
 pytestmark = pytest.mark.cloud
@@ -22,6 +30,86 @@ pytestmark = pytest.mark.cloud
 @pytest.fixture
 def s3_store(request: pytest.FixtureRequest) -> Iterator[Store]:
     yield from open_store(request, "s3")
+
+
+MIB = 2**20
+
+
+class PartLog:
+    """What a save sent: each call's method and body size, and the most parts sent at once."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.most_at_once = 0
+        self._now = 0
+        original = uploads._client_call
+
+        async def client_call(fs: Any, method: str, params: dict[str, Any]) -> dict[str, Any]:
+            self.calls.append((method, len(params["Body"])))
+            self._now += 1
+            self.most_at_once = max(self.most_at_once, self._now)
+            try:
+                await asyncio.sleep(0.02)  # let the other parts in flight start
+                return await original(fs, method, params)
+            finally:
+                self._now -= 1
+
+        monkeypatch.setattr(uploads, "_client_call", client_call)
+
+    def methods(self) -> list[str]:
+        return [method for method, _ in self.calls]
+
+    def sizes(self) -> list[int]:
+        return [size for _, size in self.calls]
+
+
+def _tensors(n: int, mib: int, seed: int) -> dict[str, Any]:
+    numel = mib * MIB // 4
+    return {f"t{i}": torch.arange(numel, dtype=torch.int32).add_(7919 * i + seed) for i in range(n)}
+
+
+def test_a_large_save_streams_in_parts_a_few_at_a_time(
+    s3_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parts of ``part_bytes``, at most ``parts_in_flight`` uploading: memory stays bounded."""
+    url = s3_store.url("big.ckpt")
+    state = {"tensors": _tensors(6, 4, seed=1), "step": 7}
+    log = PartLog(monkeypatch)
+    with override(part_bytes=5 * MIB, parts_in_flight=2):
+        Fabric().save(url, state, storage_options=s3_store.storage_options)
+
+    size = s3_store.fs.size(s3_store.path("big.ckpt"))
+    assert size > 24 * MIB
+    assert log.methods() == ["upload_part"] * len(log.calls)
+    assert log.sizes()[:-1] == [5 * MIB] * (len(log.calls) - 1)  # every part but the last
+    assert sum(log.sizes()) == size
+    assert 1 < log.most_at_once <= 2
+    assert s3_store.objects() == ["big.ckpt"]
+    assert s3_store.incomplete_uploads() == []
+
+    target = {"tensors": _tensors(6, 4, seed=2), "step": 0}
+    assert not torch.equal(target["tensors"]["t0"], state["tensors"]["t0"])
+    Fabric().load(url, target, storage_options=s3_store.storage_options)
+    for name, tensor in state["tensors"].items():
+        assert torch.equal(target["tensors"][name], tensor)
+    assert target["step"] == 7
+
+
+def test_a_save_smaller_than_a_part_is_one_put(
+    s3_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = s3_store.url("small.ckpt")
+    state = make_state()
+    log = PartLog(monkeypatch)
+    Fabric().save(url, state, storage_options=s3_store.storage_options)
+
+    assert log.methods() == ["put_object"]
+    assert log.sizes() == [s3_store.fs.size(s3_store.path("small.ckpt"))]
+    assert s3_store.incomplete_uploads() == []
+    target = fresh_like(state)
+    assert_states_differ(target, state)
+    Fabric().load(url, target, storage_options=s3_store.storage_options)
+    assert_states_equal(target, state)
 
 
 def _start_upload(store: Store, key: str) -> str:

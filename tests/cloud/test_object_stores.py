@@ -138,7 +138,7 @@ def test_saves_release_their_upload_files(store: Store) -> None:
     fsspec's ``open(..., autocommit=False)`` outside a transaction appends the file to the
     (cached, process-wide) filesystem's ``transaction.files``; nothing takes it out again.
     """
-    file_class = "S3File" if store.protocol == "s3" else "GCSFile"
+    file_class = "S3PartWriter" if store.protocol == "s3" else "GCSFile"
 
     def live_uploads() -> int:
         gc.collect()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
 
+from lightweight_ckpt import uploads
 from lightweight_ckpt.io import TorchCheckpointIO
 from lightweight_ckpt.storage import Location, resolve
 from lightweight_ckpt.strategies import SingleDeviceStrategy, Strategy, select_strategy
@@ -152,3 +154,29 @@ def test_path_objects_are_not_stringly_mangled(tmp_path):
     path = Path(tmp_path) / "with space" / "a.ckpt"
     location = resolve(path)
     assert location.path == str(path)
+
+
+# -- S3 part sizes and the progress setting -----------------------------------------------------
+
+
+def test_part_sizes_double_every_1000_parts_within_s3_limits():
+    mib = 2**20
+    assert [uploads.part_size(n, 8 * mib) for n in (1, 1000, 1001, 2000, 2001)] == [
+        8 * mib, 8 * mib, 16 * mib, 16 * mib, 32 * mib
+    ]  # fmt: skip
+    sizes = [uploads.part_size(n, 8 * mib) for n in range(1, 10_001)]  # S3's most parts
+    assert sum(sizes) >= 5 * 2**40  # S3's largest object
+    assert max(uploads.part_size(10_000, p) for p in (5 * mib, 8 * mib, 64 * mib)) == 5 * 2**30
+
+
+def test_an_unknown_progress_mode_is_refused_naming_the_variable():
+    result = subprocess.run(
+        [sys.executable, "-c", "import lightweight_ckpt"],
+        env={"LWCKPT_PROGRESS": "sometimes", "PATH": os.environ.get("PATH", "")},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "LWCKPT_PROGRESS='sometimes'" in result.stderr
+    assert "auto, on, off" in result.stderr
