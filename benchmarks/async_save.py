@@ -7,6 +7,13 @@ write has ``every`` steps to finish inside the segment. Every contender runs in 
 worker; contenders are interleaved within a round and rotated across rounds; the table reports
 medians over rounds.
 
+With ``--device cuda`` the model, the optimizer state and the batches live on the GPU: the
+floor is then a pinned device-to-host copy (non-blocking copies, one synchronize), a
+``torch-save`` contender gives the synchronous ``torch.save`` total, and the table adds the
+peak extra GPU memory of the checkpointing segment over the same segment without saves
+(``torch.cuda.max_memory_allocated``). The GPU is synchronized before each timed save, so
+"blocked" never includes training kernels that were still queued.
+
 Run ``python benchmarks/async_save.py --help``; see ``benchmarks/README.md``.
 """
 
@@ -43,10 +50,13 @@ def width_for(size_mb: float, layers: int) -> int:
     return max(64, round(math.sqrt(params / layers) / 64) * 64)
 
 
-def build_state(width: int, layers: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """An MLP with AdamW, after one step so the optimizer state exists."""
+def build_state(
+    width: int, layers: int, device: str = "cpu"
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """An MLP with AdamW (the optimizer state appears at the first step)."""
     torch.manual_seed(SEED)
     model = nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(width, width), nn.ReLU())])
+    model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     return model, opt
 
@@ -54,6 +64,7 @@ def build_state(width: int, layers: int) -> tuple[nn.Module, torch.optim.Optimiz
 def make_step(model: nn.Module, opt: torch.optim.Optimizer, width: int, rows: int) -> Any:
     """Return a function that runs one training step (forward, backward, AdamW)."""
     batch = torch.randn(rows, width, generator=torch.Generator().manual_seed(SEED))
+    batch = batch.to(next(model.parameters()).device)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -267,7 +278,8 @@ class LightningAsync(Contender):
         from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
         self.io = AsyncCheckpointIO(TorchCheckpointIO())
-        self.fabric = Fabric(accelerator="cpu", devices=1, plugins=[self.io])
+        accelerator = "cuda" if next(model.parameters()).is_cuda else "cpu"
+        self.fabric = Fabric(accelerator=accelerator, devices=1, plugins=[self.io])
         self.paths: list[Path] = []
 
     def save(self, path: Path, step: int) -> None:
@@ -288,6 +300,25 @@ class LightningAsync(Contender):
         return loaded
 
 
+class TorchSave(Contender):
+    """Plain ``torch.save`` of the state dicts, synchronous (the issue's GPU reference total)."""
+
+    name = "torch-save"
+    description = "torch.save({model, optimizer, step}, path) + fsync (synchronous)"
+
+    def save(self, path: Path, step: int) -> None:
+        """Write and fsync."""
+        state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
+        torch.save({**state, "step": step}, path)
+        harness.fsync_path(path)
+
+    def read_model(self, path: Path) -> dict[str, torch.Tensor]:
+        """Plain torch.load to the CPU."""
+        loaded = torch.load(path, weights_only=True, map_location="cpu")
+        model: dict[str, torch.Tensor] = loaded["model"]
+        return model
+
+
 class Memcpy(Contender):
     """The floor: copy every state tensor into preallocated host buffers; nothing is written."""
 
@@ -301,14 +332,19 @@ class Memcpy(Contender):
         tensors = [(f"model.{k}", v) for k, v in model.state_dict().items()]
         for index, entry in enumerate(opt.state.values()):
             tensors += [(f"opt.{index}.{k}", v) for k, v in entry.items() if torch.is_tensor(v)]
-        self.buffers = {name: torch.empty_like(t) for name, t in tensors}
+        self.cuda = any(t.is_cuda for _, t in tensors)
+        self.buffers = {
+            name: torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda) for name, t in tensors
+        }
         self.pairs = [(self.buffers[name], t.detach()) for name, t in tensors]
         self.save(Path(), 0)
 
     def save(self, path: Path, step: int) -> None:
-        """Copy every tensor (the pairs are found once, at setup)."""
+        """Copy every tensor (the pairs are found once, at setup); CUDA: pinned, one sync."""
         for buffer, tensor in self.pairs:
-            buffer.copy_(tensor)
+            buffer.copy_(tensor, non_blocking=self.cuda)
+        if self.cuda:
+            torch.cuda.synchronize()
 
     def read_model(self, path: Path) -> dict[str, torch.Tensor]:
         """The model's buffers."""
@@ -410,7 +446,8 @@ class ProcessWriter:
 
 
 CONTENDERS: dict[str, type[Contender]] = {
-    c.name: c for c in (Sync, AsyncThread, AsyncProcess, DcpAsync, LightningAsync, Memcpy)
+    c.name: c
+    for c in (Sync, AsyncThread, AsyncProcess, DcpAsync, LightningAsync, TorchSave, Memcpy)
 }
 
 
@@ -419,34 +456,59 @@ CONTENDERS: dict[str, type[Contender]] = {
 # --------------------------------------------------------------------------------------------
 
 
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _timed_segment(step: Any, steps: int, save_at: dict[int, Any]) -> tuple[float, list[float]]:
-    """Run ``steps`` steps, calling ``save_at[i]`` after step ``i``; return total and blocks."""
+    """Run ``steps`` steps, calling ``save_at[i]`` after step ``i``; return total and blocks.
+
+    On a GPU the queued training kernels are waited for before each save is timed, and at the
+    end of the segment.
+    """
     blocked: list[float] = []
     start = time.perf_counter()
     for i in range(1, steps + 1):
         step()
         if i in save_at:
+            _synchronize()
             t0 = time.perf_counter()
             save_at[i]()
             blocked.append(time.perf_counter() - t0)
+    _synchronize()
     return time.perf_counter() - start, blocked
 
 
 def _verify_snapshot(contender: Contender, path: Path) -> bool:
     """Save, mutate everything at once, wait, and check the file holds the values at save time."""
-    expected = {k: v.clone() for k, v in contender.model.state_dict().items()}
+    expected = {k: v.detach().cpu().clone() for k, v in contender.model.state_dict().items()}
     contender.save(path, -1)
     mutate(contender.model, contender.opt)
     contender.wait()
     saved = contender.read_model(path)
-    return all(torch.equal(saved[k], v) for k, v in expected.items())
+    return all(torch.equal(saved[k].cpu(), v) for k, v in expected.items())
+
+
+def _gpu_peak(fn: Any) -> tuple[Any, int | None]:
+    """Run ``fn``; return its result and the peak GPU memory above the start (None on CPU)."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return fn(), None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    result = fn()
+    torch.cuda.synchronize()
+    return result, torch.cuda.max_memory_allocated() - base
 
 
 def run_worker_op(name: str, args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     """Build the loop, run the reference and checkpointing segments, return the figures."""
     torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
     width = width_for(args.size_mb, args.layers)
-    model, opt = build_state(width, args.layers)
+    model, opt = build_state(width, args.layers, args.device)
     step = make_step(model, opt, width, args.batch)
     for _ in range(3):  # warm-up: allocator, optimizer state
         step()
@@ -462,14 +524,18 @@ def run_worker_op(name: str, args: argparse.Namespace, data_dir: Path) -> dict[s
         contender.wait()
         first_total = time.perf_counter() - t0
         steps = (SAVES + 1) * args.every
-        reference, _ = _timed_segment(step, steps, {})
+        (reference, _), reference_gpu = _gpu_peak(lambda: _timed_segment(step, steps, {}))
         save_at = {
             args.every * k: (lambda k=k: contender.save(paths[k], k)) for k in range(1, SAVES + 1)
         }
-        with_saves, blocked = _timed_segment(step, steps, save_at)
-        t0 = time.perf_counter()
-        contender.wait()
-        drain = time.perf_counter() - t0
+
+        def checkpointing() -> tuple[float, list[float], float]:
+            total, blocked = _timed_segment(step, steps, save_at)
+            t0 = time.perf_counter()
+            contender.wait()
+            return total, blocked, time.perf_counter() - t0
+
+        (with_saves, blocked, drain), saves_gpu = _gpu_peak(checkpointing)
     correct = _verify_snapshot(contender, data_dir / f"{name}-verify") if contender.writes else None
     contender.teardown()
     return {
@@ -484,6 +550,10 @@ def run_worker_op(name: str, args: argparse.Namespace, data_dir: Path) -> dict[s
         "blocked_s": blocked,
         "drain_s": drain,
         "peak_extra_rss": sampler.peak_rss - base_rss.rss,
+        "device": args.device,
+        "peak_extra_gpu": None
+        if saves_gpu is None or reference_gpu is None
+        else saves_gpu - reference_gpu,
         "snapshot_correct": correct,
     }
 
@@ -514,6 +584,8 @@ def _worker_args(name: str, args: argparse.Namespace, data_dir: Path) -> list[st
         str(args.threads),
         "--batch",
         str(args.batch),
+        "--device",
+        args.device,
     ]
 
 
@@ -562,6 +634,7 @@ def summarize(results: list[dict[str, Any]], names: list[str]) -> list[dict[str,
                 "interference": harness.median(interference),
                 "drain_s": harness.median([r["drain_s"] for r in runs]),
                 "peak_extra_rss": max(r["peak_extra_rss"] for r in runs),
+                "peak_extra_gpu": _max_or_none([r.get("peak_extra_gpu") for r in runs]),
                 "snapshot_correct": [r["snapshot_correct"] for r in runs],
             }
         )
@@ -571,6 +644,11 @@ def summarize(results: list[dict[str, Any]], names: list[str]) -> list[dict[str,
             base = by_name.get(ref)
             row[f"vs_{ref}"] = row["blocked_s"] / base["blocked_s"] if base else None
     return rows
+
+
+def _max_or_none(values: list[int | None]) -> int | None:
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
 
 
 def _ratio(value: float | None) -> str:
@@ -597,9 +675,18 @@ def render_table(rows: list[dict[str, Any]]) -> str:
         "peak extra RSS MiB (% of state)",
         "snapshot = values at save",
     ]
+    gpu = any(r.get("peak_extra_gpu") is not None for r in rows)
+    if gpu:
+        headers.append("peak extra GPU MiB (% of state)")
     body = []
     for r in rows:
         state, peak = r["state_bytes"], r["peak_extra_rss"]
+        extra_gpu = r.get("peak_extra_gpu")
+        gpu_cell = (
+            [f"{extra_gpu / harness.MIB:.0f} ({100 * extra_gpu / state:.0f}%)"]
+            if extra_gpu is not None
+            else ["-"]
+        )
         body.append(
             [
                 r["contender"],
@@ -612,6 +699,7 @@ def render_table(rows: list[dict[str, Any]]) -> str:
                 f"{r['interference']:+.1%}",
                 f"{peak / harness.MIB:.0f} ({100 * peak / state:.0f}%)",
                 _correct(r["snapshot_correct"]),
+                *(gpu_cell if gpu else []),
             ]
         )
     return harness.markdown_table(headers, body)
@@ -638,7 +726,9 @@ def orchestrate(args: argparse.Namespace) -> int:
         f"; checkpoint every {args.every} steps ({args.every * rows[0]['step_s']:.2f} s), "
         f"{SAVES} per segment; rounds: {args.rounds}; load average before: "
         f"{os.getloadavg()[0]:.2f}\nmachine: {info['cpu']}, {info['cores']} cores, "
-        f"{info['mem_gib']} GiB; torch {torch.__version__}; dir on {info['filesystem']}"
+        f"{info['mem_gib']} GiB; torch {torch.__version__}; dir on {info['filesystem']}; "
+        f"device {args.device}"
+        + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "")
     )
     print(header.replace("\n", "  \n") + "\n")
     print(render_table(rows))
@@ -657,6 +747,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16, help="rows per training batch")
     p.add_argument("--every", type=int, default=6, help="checkpoint every N steps")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the training loop")
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where the model, optimizer state and batches live (cuda: pinned D2H floor, GPU "
+        "memory column, torch-save contender)",
+    )
     p.add_argument("--rounds", type=int, default=3, help="rounds; the table shows the median")
     p.add_argument(
         "--contenders",

@@ -300,7 +300,10 @@ def _cuda_state() -> dict[str, Any]:
     torch.manual_seed(0)
     model = Tiny(width=64).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    train_steps(model, optimizer, 2)
+    for _ in range(2):  # train_steps' batches are CPU tensors: these are on the GPU
+        optimizer.zero_grad()
+        model(torch.randn(4, 64, device="cuda")).pow(2).sum().backward()
+        optimizer.step()
     return {"model": model, "optimizer": optimizer, "cpu_extra": torch.randn(5), "step": 2}
 
 
