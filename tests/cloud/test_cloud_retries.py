@@ -8,15 +8,18 @@ shows which layer did.
 
 A transient fault is retried and the save or load gives identical values; a lasting fault raises
 our error naming the URL; a failed save publishes nothing and keeps the previous checkpoint; a
-load that fails before its fill pass changes no tensor. GCS gets no lasting-fault tests: gcsfs
-retries every one of them itself for ~30 s per request before we see it.
+load that fails before its fill pass changes no tensor. On GCS, gcsfs retries each request 6
+times with 1-32 s backoffs (~30 s) before we see a lasting fault; its lasting-fault tests
+shorten those sleeps (``fast_gcsfs_retries``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -155,34 +158,54 @@ def test_retries_are_logged_with_the_url(
 # -- lasting faults: our error, naming the URL; nothing partial -------------------------------
 
 
-def test_lasting_fault_during_save_raises_and_keeps_the_previous(proxied_s3: Proxied) -> None:
-    url = proxied_s3.store.url("last.ckpt")
-    previous = _save_direct(proxied_s3, url, steps=1)
+@pytest.fixture
+def fast_gcsfs_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gcsfs's 6 tries per request, without its 1-32 s backoffs (~30 s a request otherwise).
+
+    The backoff is fixed in gcsfs (``retry_request``, not an option), so its module's view of
+    ``asyncio`` gets a ``sleep`` of 10 ms; the tries and what is retried stay gcsfs's own.
+    """
+    gcsfs_retry = pytest.importorskip("gcsfs.retry")
+
+    async def short_sleep(delay: float) -> None:
+        await asyncio.sleep(min(delay, 0.01))
+
+    monkeypatch.setattr(gcsfs_retry, "asyncio", SimpleNamespace(sleep=short_sleep))
+
+
+@pytest.mark.usefixtures("fast_gcsfs_retries")
+def test_lasting_fault_during_save_raises_and_keeps_the_previous(proxied: Proxied) -> None:
+    url = proxied.store.url("last.ckpt")
+    previous = _save_direct(proxied, url, steps=1)
     expected = snapshot(previous["model"])
-    fault = proxied_s3.proxy.add(Fault("status", times=None, **UPLOAD_PART["s3"]))
+    fault = proxied.proxy.add(Fault("status", times=None, **UPLOAD_PART[proxied.protocol]))
 
     with pytest.raises(CheckpointWriteError) as info:
-        Fabric().save(url, make_state(WIDTH, steps=3), storage_options=proxied_s3.options)
+        Fabric().save(url, make_state(WIDTH, steps=3), storage_options=proxied.options)
 
     message = str(info.value)
     assert message.startswith(f"{url}: writing failed after 3 attempts")
     assert "503" in message
-    assert fault.hits == 3  # one upload per attempt, each aborted
-    assert proxied_s3.store.objects() == ["last.ckpt"]
-    assert proxied_s3.store.incomplete_uploads() == []
-    assert_states_equal(_load_direct(proxied_s3, url)["model"], expected)
+    if proxied.protocol == "s3":
+        assert fault.hits == 3  # one part upload per attempt, each aborted
+    else:  # gcsfs tries each chunk 6 times (and the cancel of the session, refused as well)
+        assert fault.hits >= 3 * 6
+    assert proxied.store.objects() == ["last.ckpt"]
+    assert proxied.store.incomplete_uploads() == []
+    assert_states_equal(_load_direct(proxied, url)["model"], expected)
 
 
-def test_lasting_fault_during_verify_leaves_the_state_untouched(proxied_s3: Proxied) -> None:
-    url = proxied_s3.store.url("last.ckpt")
-    _save_direct(proxied_s3, url)
-    proxied_s3.proxy.add(Fault("status", skip=5, times=None, **DATA_GET))
+@pytest.mark.usefixtures("fast_gcsfs_retries")
+def test_lasting_fault_during_verify_leaves_the_state_untouched(proxied: Proxied) -> None:
+    url = proxied.store.url("last.ckpt")
+    _save_direct(proxied, url)
+    proxied.proxy.add(Fault("status", skip=5, times=None, **DATA_GET))
     target = fresh_like(make_state(WIDTH), width=WIDTH)
     before = snapshot(target["model"])
     before_optimizer = snapshot(target["optimizer"].state_dict())
 
     with pytest.raises(CheckpointReadError) as info:
-        Fabric().load(url, target, storage_options=proxied_s3.options)
+        Fabric().load(url, target, storage_options=proxied.options)
 
     assert str(info.value).startswith(f"{url}: reading failed after 3 attempts")
     assert_states_equal(target["model"], before)
