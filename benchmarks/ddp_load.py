@@ -1,13 +1,16 @@
-"""DDP load: every rank reads the file, or rank 0 reads it once and broadcasts (world size 2).
+"""DDP load: every rank reads the file, or rank 0 reads it once and shares it (world size 2).
 
-A DDP checkpoint is one file (written by rank 0). Loading it, either
+A DDP checkpoint is one file (written by rank 0). Approaches to loading it:
 
-- ``every-rank``: every rank reads the file (``Fabric().load``, what ``DDPStrategy`` does:
-  on local disk each rank maps it and reads from the one shared page-cache copy; on an object
-  store each rank downloads what it reads), or
-- ``broadcast``: rank 0 reads the file (``TorchCheckpointIO.load_checkpoint``, verified) and
-  restores its model and optimizer, then every state tensor is broadcast from rank 0 over the
-  process group (gloo) into the other ranks' live tensors (a prototype of the alternative).
+- ``every-rank``: every rank reads the file (on local disk each rank maps it and reads from the
+  one shared page-cache copy; on an object store each rank downloads what it reads);
+- ``read-once``: rank 0 reads and verifies the file, the checkpoint is broadcast
+  (``collectives.broadcast_tree``) and every rank restores from its copy;
+- ``state-broadcast``: a prototype: rank 0 loads the file into its model and optimizer, then
+  every state tensor is broadcast into the other ranks' live tensors.
+
+``DDPStrategy`` (``Fabric().load``) does ``every-rank`` on local disk and ``read-once`` elsewhere;
+the first two rows force one or the other through a ``DDPStrategy`` subclass.
 
 The file lives on local disk, or on the test suite's local S3 server (moto on 127.0.0.1) with
 ``--locations local,s3``. Every (round, location, approach) runs in a fresh group of 2 processes
@@ -37,7 +40,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve()
 WORLD_SIZE = 2
 MB = 1_000_000
-APPROACHES = ("every-rank", "broadcast")
+APPROACHES = ("every-rank", "read-once", "state-broadcast")
 LOCATIONS = ("local", "s3")
 
 
@@ -74,11 +77,42 @@ def digest(model: Any, opt: Any) -> str:
     return sha.hexdigest()
 
 
-def _load_every_rank(url: str, model: Any, opt: Any, options: dict[str, Any]) -> None:
-    from lightweight_ckpt import Fabric
+def _strategy(read_once: bool) -> Any:
+    from lightweight_ckpt import collectives
+    from lightweight_ckpt.io import LoadedReader
+    from lightweight_ckpt.strategies import DDPStrategy
 
-    state = {"model": model, "optimizer": opt}
-    Fabric().load(url, state, storage_options=options or None)
+    class EveryRank(DDPStrategy):
+        def read_shared(self, *args: Any) -> Any:
+            return None
+
+    class ReadOnce(DDPStrategy):
+        def read_shared(self, path: Any, weights_only: Any, storage_options: Any) -> Any:
+            def download() -> Any:
+                if not self.is_global_zero:
+                    return None
+                with self.checkpoint_io.open_checkpoint(
+                    path, weights_only=weights_only, storage_options=storage_options
+                ) as reader:
+                    checkpoint = reader.skeleton()
+                    reader.verify({})
+                    reader.fill()
+                return checkpoint
+
+            checkpoint = self.run_on_all_ranks("read once", download)
+            return LoadedReader(collectives.broadcast_tree(checkpoint))
+
+    return ReadOnce() if read_once else EveryRank()
+
+
+def _load_with(read_once: bool) -> Any:
+    def load(url: str, model: Any, opt: Any, options: dict[str, Any]) -> None:
+        from lightweight_ckpt import Fabric
+
+        state = {"model": model, "optimizer": opt}
+        Fabric(strategy=_strategy(read_once)).load(url, state, storage_options=options or None)
+
+    return load
 
 
 def _load_broadcast(url: str, model: Any, opt: Any, options: dict[str, Any]) -> None:
@@ -106,7 +140,11 @@ def rank_worker(args: argparse.Namespace) -> None:
         options = json.loads(args.options)
         model, opt = build_state(args.size_mb, seed=7)
         ddp = DistributedDataParallel(model)
-        load = _load_every_rank if args.approach == "every-rank" else _load_broadcast
+        load = {
+            "every-rank": _load_with(read_once=False),
+            "read-once": _load_with(read_once=True),
+            "state-broadcast": _load_broadcast,
+        }[args.approach]
         load(args.url, ddp, opt, options)  # warm-up
         with torch.no_grad():
             for tensor in state_tensors(model, opt):
@@ -219,7 +257,8 @@ def orchestrate(args: argparse.Namespace) -> int:
             expected = _save_file(url, args.size_mb, options)
             results: dict[str, list[dict[str, Any]]] = {a: [] for a in APPROACHES}
             for rnd in range(args.rounds):
-                order = APPROACHES if rnd % 2 == 0 else APPROACHES[::-1]
+                shift = rnd % len(APPROACHES)
+                order = APPROACHES[shift:] + APPROACHES[:shift]
                 for approach in order:
                     res = harness.run_worker(
                         SCRIPT,

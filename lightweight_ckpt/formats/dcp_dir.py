@@ -12,7 +12,8 @@ fsspec writer lacks, without changing the format:
   background thread (``formats.dcp_versions``).
 - **Safe loads.** DCP unpickles ``.metadata`` with plain ``pickle`` and non-tensor values with
   ``weights_only=False``; we read ``.metadata`` through an allowlist of DCP's metadata classes
-  and load values with ``weights_only=True``, so a checkpoint cannot run code on load.
+  and load values with ``weights_only=True``, so a checkpoint cannot run code on load
+  (``formats.dcp_reader``; on object stores items are read whole, retried: ``dcp_remote``).
 - **Our errors.** DCP's ``CheckpointException`` (a ``BaseException``) becomes a
   ``CheckpointError`` naming the path.
 - **No ``.metadata``, no checkpoint.** A folder without it (an interrupted first save) raises
@@ -24,21 +25,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import pickle
 import posixpath
-import threading
 import warnings
 from typing import IO, TYPE_CHECKING, Any, cast
 
 import torch
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import (
     CURRENT_DCP_VERSION,
-    FileSystemReader,
     _StoragePrefix,
 )
 from torch.distributed.checkpoint.metadata import (
@@ -50,7 +47,6 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
-from torch.futures import Future
 
 from lightweight_ckpt.errors import (
     CheckpointError,
@@ -59,29 +55,22 @@ from lightweight_ckpt.errors import (
     CorruptCheckpointError,
     InvalidCheckpointError,
     StateMismatchError,
-    UnsafeCheckpointError,
 )
-from lightweight_ckpt.formats import dcp_checksums, dcp_remote, dcp_staging, dcp_versions
+from lightweight_ckpt.formats import dcp_checksums, dcp_reader, dcp_staging, dcp_versions
 from lightweight_ckpt.storage import Location, call_with_retries, resolve, staged_write
 
 if TYPE_CHECKING:
-    import io
     from collections.abc import Iterator
 
-    from torch.distributed.checkpoint.planner import (
-        LoadPlan,
-        LoadPlanner,
-        ReadItem,
-        SavePlan,
-        SavePlanner,
-    )
+    from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
     from torch.distributed.checkpoint.storage import WriteResult
+    from torch.futures import Future
 
     from lightweight_ckpt.types import StorageOptions
 
 log = logging.getLogger("lightweight_ckpt")
 
-METADATA = ".metadata"
+METADATA = dcp_reader.METADATA
 
 # version folders live in ``dcp_versions``; io, manager and tests use these names from here
 VERSION_PREFIX = dcp_versions.VERSION_PREFIX
@@ -191,154 +180,6 @@ def write(
         raise _translate(location.url, err, writing=True) from err
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickle ``.metadata`` allowing only what DCP metadata holds (DCP itself allows anything)."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        allowed = (
-            module == "torch.distributed.checkpoint.metadata"
-            or (module, name) in _METADATA_GLOBALS
-            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
-        )
-        if not allowed:
-            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in DCP metadata")
-        return super().find_class(module, name)
-
-
-_METADATA_GLOBALS = {
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("collections", "OrderedDict"),
-}
-
-
-_PARSED: dict[tuple[str, int, int, int], Metadata] = {}
-"""Metadata that ``read_metadata`` parsed on local disk, by file identity (path, inode, size,
-mtime), for the DCP pass of the same load (``read``) to take instead of parsing it again. A
-commit replaces the file (a new inode), so an entry never stands for another file."""
-_PARSED_MAX = 8
-_PARSED_LOCK = threading.Lock()
-
-
-def _file_identity(location: Location) -> tuple[str, int, int, int] | None:
-    if not location.is_local:
-        return None
-    path = posixpath.join(location.path, METADATA)
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None  # the read raises the real error
-    return path, stat.st_ino, stat.st_size, stat.st_mtime_ns
-
-
-def _keep_parsed(location: Location, metadata: Metadata) -> None:
-    key = _file_identity(location)
-    if key is None:
-        return
-    with _PARSED_LOCK:
-        while len(_PARSED) >= _PARSED_MAX:
-            _PARSED.pop(next(iter(_PARSED)))
-        _PARSED[key] = metadata
-
-
-def _take_parsed(location: Location) -> Metadata | None:
-    key = _file_identity(location)
-    if key is None:
-        return None
-    with _PARSED_LOCK:
-        return _PARSED.pop(key, None)
-
-
-class _SafeReader(FileSystemReader):
-    """DCP's reader, made safe: allowlisted metadata, items checked before they are read.
-
-    ``.metadata`` goes through ``_MetadataUnpickler``, never plain pickle, and every stored item
-    this rank reads is checked against its CRC32 before any is read.
-    """
-
-    location: Location
-    known_metadata: Metadata | None = None  # already read by the caller: not read again
-    _checksummed = False
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        """Read ``.metadata`` through the allowlist (unless the caller passed it in)."""
-        if self.known_metadata is not None:
-            return self.known_metadata
-        path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as stream:
-            metadata: Metadata = _MetadataUnpickler(stream).load()
-        storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
-        storage_meta.load_id = self.load_id
-        metadata.storage_meta = storage_meta
-        return metadata
-
-    def set_up_storage_reader(
-        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
-    ) -> None:
-        """Note whether the checkpoint carries checksum records (``read_metadata`` logs if not)."""
-        super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
-        self._checksummed = dcp_checksums.is_checksummed(metadata)
-
-    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
-        """Verify the CRC32 of every stored item this rank will read.
-
-        DCP gathers this step's failures from every rank before any rank reads data, so a
-        damaged item fails the load on every rank with nothing changed.
-        """
-        if self._checksummed:
-            items = [
-                (item.storage_index, self.storage_data[item.storage_index]) for item in plan.items
-            ]
-            self.verify(items)
-        return plan
-
-    def verify(self, items: list[tuple[Any, Any]]) -> None:
-        """Check the stored items' CRC32 (through a memory map of each piece on local disk)."""
-        dcp_checksums.verify_items(self.location, items)
-
-
-class _SafeFileSystemReader(_SafeReader):
-    """DCP's local file reader, made safe."""
-
-
-class _SafeFsspecReader(_SafeReader, FsspecReader):
-    """DCP's fsspec reader, made safe; whole items, retried, downloaded once (``dcp_remote``)."""
-
-    _fetched: dcp_remote.FetchedItems | None = None
-
-    def _items(self) -> dcp_remote.FetchedItems:
-        if self._fetched is None:
-            self._fetched = dcp_remote.FetchedItems(self.location)
-        return self._fetched
-
-    def verify(self, items: list[tuple[Any, Any]]) -> None:
-        """Fetch and check every item (kept for ``read_data`` within a memory budget)."""
-        self._items().verify(items)
-
-    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        """Read every item of ``plan``, each with one retried ranged read (or the kept copy)."""
-        items = self._items()
-        for request in plan.items:
-            info = self.storage_data[request.storage_index]
-            data = items.take(info.relative_path, int(info.offset), int(info.length))
-            dcp_remote.read_item(request, info, data, planner, self.transforms)
-        done: Future[None] = Future()
-        done.set_result(None)
-        return done
-
-
-def _reader(location: Location, storage_options: Any) -> _SafeReader:
-    """DCP's plain file reader on local disk (no fsspec layer), its fsspec reader elsewhere."""
-    reader: _SafeReader
-    if location.is_local:
-        reader = _SafeFileSystemReader(location.path)
-    else:
-        reader = _SafeFsspecReader(location.url, **dict(storage_options or {}))
-    reader.location = location
-    return reader
-
-
 def _translate(url: str, err: CheckpointException, writing: bool) -> Exception:
     """Turn DCP's ``CheckpointException`` (a BaseException!) into one of our errors."""
     failures = [
@@ -384,10 +225,10 @@ def read_metadata(location: Location, storage_options: Any) -> Metadata:
             f"{location.url}: is a directory but not a sharded checkpoint (no {METADATA})"
         )
     try:
-        metadata: Metadata = _reader(location, storage_options).read_metadata()
+        metadata: Metadata = dcp_reader.reader_for(location, storage_options).read_metadata()
     except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as err:
         raise CorruptCheckpointError(f"{location.url}: {METADATA} is unreadable: {err}") from err
-    _keep_parsed(location, metadata)
+    dcp_reader.keep_parsed(location, metadata)
     if not dcp_checksums.is_checksummed(metadata) and (
         not _distributed() or torch.distributed.get_rank() == 0
     ):
@@ -409,30 +250,6 @@ def top_level_keys(metadata: Metadata) -> dict[str, list[str]]:
     return keys
 
 
-class _SafeLoadPlanner(DefaultLoadPlanner):
-    """DCP's planner, but non-tensor values load with ``weights_only=True``."""
-
-    def __init__(self, url: str, weights_only: bool) -> None:
-        super().__init__()
-        self._url = url
-        self._weights_only = weights_only
-
-    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        """Unpickle one non-tensor value (safely unless ``weights_only=False``)."""
-        try:
-            loaded = torch.load(value, weights_only=self._weights_only)
-        except pickle.UnpicklingError as err:
-            raise UnsafeCheckpointError(
-                f"{self._url}: weights_only=True refuses a value in this checkpoint ({err}). "
-                "If you trust it, pass weights_only=False."
-            ) from err
-        fqn = read_item.dest_index.fqn
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[fqn], loaded)
-        else:
-            self.state_dict[fqn] = loaded
-
-
 def read(
     template: dict[str, Any], location: Location, storage_options: Any, weights_only: bool
 ) -> None:
@@ -440,14 +257,14 @@ def read(
 
     The metadata ``read_metadata`` parsed for this load is not parsed again (local disk).
     """
-    reader = _reader(location, storage_options)
-    reader.known_metadata = _take_parsed(location)
+    reader = dcp_reader.reader_for(location, storage_options)
+    reader.known_metadata = dcp_reader.take_parsed(location)
     try:
         with _single_process_ok():
             dcp_load(
                 template,
                 storage_reader=reader,
-                planner=_SafeLoadPlanner(location.url, weights_only),
+                planner=dcp_reader.SafeLoadPlanner(location.url, weights_only),
                 no_dist=not _distributed(),
             )
     except CheckpointException as err:
@@ -499,13 +316,13 @@ def read_items(
     Pass the checkpoint's ``metadata`` when reading item by item: DCP otherwise reads and
     unpickles ``.metadata`` again on every call (90% of a 600-tensor consolidate).
     """
-    reader = _reader(location, storage_options)
+    reader = dcp_reader.reader_for(location, storage_options)
     reader.known_metadata = metadata
     try:
         _load_state_dict(
             items,
             storage_reader=reader,
-            planner=_SafeLoadPlanner(location.url, weights_only),
+            planner=dcp_reader.SafeLoadPlanner(location.url, weights_only),
             no_dist=True,
         )
     except CheckpointException as err:

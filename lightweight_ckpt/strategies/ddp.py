@@ -11,7 +11,7 @@ broadcasting. On any other filesystem (object stores) every rank reading would d
 file once per rank, so rank 0 downloads and verifies it once and broadcasts it
 (``collectives.broadcast_tree``); then every rank checks and restores from that copy through the
 same two agreed steps. That copy is the whole checkpoint in memory on each rank for the duration
-of the load.
+of the load, so files over ``READ_ONCE_MAX_BYTES`` (8 GiB) are read by every rank instead.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from lightweight_ckpt import collectives
 from lightweight_ckpt.io import LoadedReader
 from lightweight_ckpt.state import find_sharded
+from lightweight_ckpt.storage import call_with_retries
 from lightweight_ckpt.strategies.base import Strategy
 
 if TYPE_CHECKING:
@@ -50,13 +51,23 @@ class DDPStrategy(Strategy):
     def read_shared(
         self, path: StrPath, weights_only: bool | None, storage_options: StorageOptions | None
     ) -> CheckpointReader | None:
-        """A remote file: rank 0 reads and verifies it once and broadcasts it to every rank."""
-        if self.world_size == 1 or self.checkpoint_io.locate(path, storage_options).is_local:
+        """A remote file: rank 0 reads and verifies it once and broadcasts it to every rank.
+
+        Files over ``READ_ONCE_MAX_BYTES`` are read by every rank instead (their memory stays
+        bounded; the copy each rank would hold is the whole checkpoint).
+        """
+        location = self.checkpoint_io.locate(path, storage_options)
+        if self.world_size == 1 or location.is_local:
             return None
 
         def download() -> Any:
             if not self.is_global_zero:
                 return None
+            size = call_with_retries(
+                location.url, "reading", lambda: location.fs.size(location.path)
+            )
+            if size is not None and int(size) > READ_ONCE_MAX_BYTES:
+                return _EVERY_RANK_READS
             with self.checkpoint_io.open_checkpoint(
                 path,
                 map_location=self.map_location,
@@ -68,5 +79,12 @@ class DDPStrategy(Strategy):
                 reader.fill()
             return checkpoint
 
-        checkpoint = self.run_on_all_ranks("read once", download)
-        return LoadedReader(collectives.broadcast_tree(checkpoint))
+        checkpoint = collectives.broadcast_tree(self.run_on_all_ranks("read once", download))
+        if isinstance(checkpoint, str) and checkpoint == _EVERY_RANK_READS:
+            return None
+        return LoadedReader(checkpoint)
+
+
+READ_ONCE_MAX_BYTES = 8 << 30
+"""Remote DDP files up to this size are read once and broadcast; larger ones by every rank."""
+_EVERY_RANK_READS = "lightweight_ckpt: every rank reads this file"

@@ -150,8 +150,14 @@ def proxied_s3(request: pytest.FixtureRequest) -> Iterator[Proxied]:
 # -- DDP: a remote single file is downloaded once (rank 0) and broadcast ----------------------
 
 
-def _ddp_load_once(rank: int, world_size: int, url: str, direct: Any, proxied: Any) -> None:
+def _ddp_load_once(  # noqa: PLR0917 - a run_distributed body takes positional arguments
+    rank: int, world_size: int, url: str, direct: Any, proxied: Any, limit: int
+) -> None:
     from torch.nn.parallel import DistributedDataParallel
+
+    from lightweight_ckpt.strategies import ddp as ddp_module
+
+    ddp_module.READ_ONCE_MAX_BYTES = limit  # this process's own copy of the module
 
     model, optimizer = _trained(seed=5)  # every rank the same, as DDP keeps them
     ddp = DistributedDataParallel(model)
@@ -170,18 +176,18 @@ def _ddp_load_once(rank: int, world_size: int, url: str, direct: Any, proxied: A
 
 
 @pytest.mark.distributed
-def test_ddp_load_of_a_remote_file_downloads_it_once(proxied_s3: Proxied, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("limit", "reads"), [(1 << 30, 1), (1000, 2)], ids=["once", "too-large"])
+def test_ddp_load_of_a_remote_file_downloads_it_once(
+    proxied_s3: Proxied, tmp_path: Path, limit: int, reads: int
+) -> None:
+    """Rank 0 downloads and broadcasts; a file over the limit is read by every rank."""
     url = proxied_s3.store.url("ddp.ckpt")
-    run_distributed(
-        _ddp_load_once,
-        2,
-        tmp_path,
-        args=(url, proxied_s3.store.storage_options, proxied_s3.options),
-    )
+    options = (proxied_s3.store.storage_options, proxied_s3.options)
+    run_distributed(_ddp_load_once, 2, tmp_path, args=(url, *options, limit))
     size = proxied_s3.store.fs.size(proxied_s3.store.path("ddp.ckpt"))
     fetched = sum(
         length
         for method, target, length, _ in proxied_s3.proxy.requests
         if method == "GET" and "ddp.ckpt" in target
     )
-    assert size <= fetched < 1.5 * size  # every rank reading would fetch it twice
+    assert reads * size <= fetched < (reads + 0.5) * size
