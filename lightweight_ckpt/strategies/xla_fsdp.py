@@ -13,6 +13,10 @@
 
 A full file (consolidated, or saved from a plain model) loads into XLA FSDP modules: each
 replica cuts its shard out of the full tensors with the module's shard metadata.
+
+With ``AsyncCheckpointIO`` the shard files are still written before ``save`` returns: the marker
+(or the consolidation) is agreed across replicas only once every shard is durable, and that
+agreement runs on the caller. The async IO then only overlaps the single-file write of "full".
 """
 
 from __future__ import annotations
@@ -200,7 +204,14 @@ class XLAFSDPStrategy(XLAStrategy):
 
         staged = self.agree("prepare shards", prepare)
         mine = _join(directory, xla_shards.shard_file(version, rank, world_size))
-        self.agree("write shard", lambda: Strategy.write(self, staged, mine, storage_options))
+
+        def write_shard() -> None:
+            Strategy.write(self, staged, mine, storage_options)
+            # An async IO only queued the write: the marker (or the consolidation) must not
+            # name a shard before it is durable on every replica, so wait for it here.
+            io.wait()
+
+        self.agree("write shard", write_shard)
         if commit:
 
             def publish() -> None:
