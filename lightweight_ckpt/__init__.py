@@ -17,6 +17,7 @@ from lightweight_ckpt.errors import (
     UnsafeCheckpointError,
 )
 from lightweight_ckpt.fabric import Fabric
+from lightweight_ckpt.io import SaveHandle
 from lightweight_ckpt.manager import CheckpointManager, ResumeResult
 from lightweight_ckpt.state import EntryReport, LoadReport
 
@@ -35,6 +36,7 @@ __all__ = [
     "LoadReport",
     "MissingKeysError",
     "ResumeResult",
+    "SaveHandle",
     "StateMismatchError",
     "UnsafeCheckpointError",
     "__version__",

@@ -1,11 +1,12 @@
 """Checkpoint IO plugins: how one checkpoint's bytes are staged, encoded and committed.
 
 ``CheckpointIO`` is the interface (subclass it to take over every read and write);
-``TorchCheckpointIO`` is the default; ``AsyncCheckpointIO(inner)`` writes in the background.
+``TorchCheckpointIO`` is the default; ``AsyncCheckpointIO(inner)`` writes in the background;
+``SaveHandle`` is what ``Fabric.save`` returns: wait for that save, ask whether it is durable.
 """
 
 from lightweight_ckpt.io.async_io import AsyncCheckpointIO
-from lightweight_ckpt.io.base import CheckpointIO, CheckpointReader, LoadedReader
+from lightweight_ckpt.io.base import CheckpointIO, CheckpointReader, LoadedReader, SaveHandle
 from lightweight_ckpt.io.torch_io import TorchCheckpointIO
 from lightweight_ckpt.io.xla_io import XLACheckpointIO
 
@@ -14,6 +15,7 @@ __all__ = [
     "CheckpointIO",
     "CheckpointReader",
     "LoadedReader",
+    "SaveHandle",
     "TorchCheckpointIO",
     "XLACheckpointIO",
 ]
