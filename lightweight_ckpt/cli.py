@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from lightweight_ckpt import config
 from lightweight_ckpt.convert import convert
 from lightweight_ckpt.diff import DiffReport, diff_checkpoints
 from lightweight_ckpt.entries import read_skeleton, verify_file
@@ -262,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = _options(args.storage_option)
     try:
-        return _run(args, options)
+        # The commands draw their own bars; a second one per transfer would only repeat them.
+        with config.override(progress="off"):
+            return _run(args, options)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)  # noqa: T201 - the CLI talks to a person
         return 1
