@@ -271,7 +271,10 @@ class CheckpointIO(ABC):
     def finish_sharded(
         self, path: StrPath, version: str, storage_options: StorageOptions | None = None
     ) -> None:
-        """Remove the versions the commit replaced (rank 0, after every rank saw the commit)."""
+        """Remove the versions the commit replaced.
+
+        Rank 0, after the commit; on local disk in the background (see ``formats.dcp_versions``).
+        """
         dcp_dir.remove_stale_versions(self.locate(path, storage_options), keep=version)
 
     def read_sharded_metadata(
