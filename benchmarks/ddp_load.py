@@ -321,9 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.rank_worker:
         rank_worker(args)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)  # torch's static destructors occasionally abort at teardown (see sharded.py)
+        harness.exit_rank_worker()
     if args.launch:
         return launch([a for a in argv if a != "--launch"])
     return orchestrate(args)

@@ -30,7 +30,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -291,6 +291,17 @@ def run_worker(
         return result
     finally:
         Path(result_file).unlink(missing_ok=True)
+
+
+def exit_rank_worker() -> NoReturn:
+    """End a torchrun rank worker after a clean run, without interpreter teardown.
+
+    torch's static destructors occasionally abort a rank after a clean run ("terminate called
+    without an active exception"); the result is already written, so skip them.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def write_result(path: str | os.PathLike[str], result: Mapping[str, Any]) -> None:

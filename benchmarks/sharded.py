@@ -787,11 +787,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.rank_worker:
         rank_worker(args)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # Leave without interpreter teardown: torch's static destructors occasionally abort a
-        # rank after a clean run ("terminate called without an active exception").
-        os._exit(0)
+        harness.exit_rank_worker()
     elif args.launch:
         return launch([a for a in argv if a != "--launch"])
     else:
