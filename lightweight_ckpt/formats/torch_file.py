@@ -18,7 +18,7 @@ Reading is staged so that a load is all-or-nothing and needs no extra memory:
 
 Remote sources (s3://, gs://, ...) are read as ranges of at most ``chunk_bytes``, on
 ``io_threads`` threads at once, whichever records they belong to; each record's CRC32 is
-combined from its ranges' (``crc32_combine``). A bound record (one read straight into the
+combined from its ranges' (``formats.ranges``). A bound record (one read straight into the
 caller's tensor) must not reach its target before every CRC passed, yet must not be held in
 memory either: ``verify`` writes its ranges to a *spool*, an unnamed local temporary file
 (``LWCKPT_SPOOL_DIR``), as they stream through the CRC, and ``fill`` copies them from there. So
@@ -42,13 +42,9 @@ import ctypes
 import functools
 import io
 import json
-import os
 import pickle
-import shutil
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
@@ -62,6 +58,7 @@ from lightweight_ckpt.errors import (
     InvalidCheckpointError,
     UnsafeCheckpointError,
 )
+from lightweight_ckpt.formats import ranges
 from lightweight_ckpt.formats.zip_records import (
     CRC_RECORD,
     LEGACY_MAGIC,
@@ -82,51 +79,6 @@ if TYPE_CHECKING:
 
 _BOUNCE_BYTES = 8 * 1024 * 1024
 _T = TypeVar("_T")
-_CRC32_POLY = 0xEDB88320
-
-_isal_combine: Callable[[int, int, int], int] | None
-try:
-    from isal.isal_zlib import crc32_combine as _isal_crc32_combine
-
-    _isal_combine = _isal_crc32_combine
-except ImportError:  # pragma: no cover - isal < 1.7
-    _isal_combine = None
-
-
-def _gf2_times(matrix: list[int], vector: int) -> int:
-    total, row = 0, 0
-    while vector:
-        if vector & 1:
-            total ^= matrix[row]
-        vector >>= 1
-        row += 1
-    return total
-
-
-def crc32_combine(first: int, second: int, second_len: int) -> int:
-    """CRC32 of ``a + b`` from ``crc32(a)``, ``crc32(b)`` and ``len(b)``."""
-    if _isal_combine is not None:
-        return int(_isal_combine(first, second, second_len))
-    return _crc32_combine_py(first, second, second_len)  # pragma: no cover
-
-
-def _crc32_combine_py(first: int, second: int, second_len: int) -> int:  # pragma: no cover
-    """Apply (zlib's ``crc32_combine``) ``second_len`` zero bytes to ``first`` by squaring."""
-    odd = [_CRC32_POLY] + [1 << (n - 1) for n in range(1, 32)]
-    even = [_gf2_times(odd, row) for row in odd]
-    odd = [_gf2_times(even, row) for row in even]
-    while second_len > 0:
-        even = [_gf2_times(odd, row) for row in odd]
-        if second_len & 1:
-            first = _gf2_times(even, first)
-        second_len >>= 1
-        if not second_len:
-            break
-        odd = [_gf2_times(even, row) for row in even]
-        if second_len & 1:
-            first = _gf2_times(odd, first)
-        second_len >>= 1
-    return first ^ second
 
 
 def write(checkpoint: Any, sink: Sink) -> None:
@@ -368,7 +320,9 @@ class TorchFileReader:
         if self._spool is not None:
             fd = self._spool.fileno()
             _parallel(
-                lambda pair: _preadv_all(fd, byte_view(pair[1].untyped_storage()), pair[0].offset),
+                lambda pair: ranges.preadv_all(
+                    fd, byte_view(pair[1].untyped_storage()), pair[0].offset
+                ),
                 copies,
             )
             self.close_spool()
@@ -384,7 +338,7 @@ class TorchFileReader:
         """Read into the targets as ranges; a CRC that now differs means the object changed."""
         records = [(record, byte_view(target.untyped_storage())) for record, target in copies]
         try:
-            crcs = _ranged_crcs(self.source, records)
+            crcs = ranges.ranged_crcs(self.source, records)
         except CheckpointReadError as err:
             raise CheckpointReadError(
                 f"{err} Everything was verified, but reading into the targets then failed: "
@@ -469,10 +423,12 @@ class TorchFileReader:
             records.append((record, byte_view(storage) if keep and storage is not None else None))
         spooled = {i for i, (record, _) in enumerate(records) if record.name in release}
         self.close_spool()
-        self._spool = _open_spool(sum(records[i][0].size for i in spooled)) if spooled else None
+        self._spool = (
+            ranges.open_spool(sum(records[i][0].size for i in spooled)) if spooled else None
+        )
         spool = (self._spool.fileno(), spooled) if self._spool is not None else None
         try:
-            crcs = _ranged_crcs(self.source, records, spool)
+            crcs = ranges.ranged_crcs(self.source, records, spool)
             for (record, _), actual in zip(records, crcs, strict=True):
                 check_crc(self.source.url, record, actual, names.get(record.name))
         except BaseException:
@@ -513,134 +469,6 @@ def _parallel(fn: Callable[[_T], None], items: Sequence[_T]) -> None:
     with ThreadPoolExecutor(threads, thread_name_prefix="lwckpt-read") as pool:
         for future in [pool.submit(fn, item) for item in items]:
             future.result()
-
-
-_GAP_BYTES = 64 * 1024  # records closer than this share a range (zip headers, small records)
-
-
-@dataclass(frozen=True)
-class _Piece:
-    """Part of one record inside a fetched range: which record, where in it, how long."""
-
-    index: int
-    start: int
-    size: int
-
-
-def _plan_ranges(
-    records: Sequence[tuple[Record, memoryview | None]], step: int
-) -> list[tuple[int, int, list[_Piece]]]:
-    """Cover every record with ``(offset, size, pieces)`` ranges of at most ``step`` bytes.
-
-    Large records are split; neighbouring small ones (a model's biases, AdamW's ``step``
-    scalars) share one request, so a checkpoint of many small tensors costs few round trips.
-    """
-    ranges: list[tuple[int, int, list[_Piece]]] = []
-    order = sorted(range(len(records)), key=lambda i: records[i][0].offset)
-    for index in order:
-        record = records[index][0]
-        for start in range(0, record.size, step):
-            size = min(step, record.size - start)
-            offset = record.offset + start
-            if ranges:
-                first, length, pieces = ranges[-1]
-                end = offset + size
-                if 0 <= offset - (first + length) <= _GAP_BYTES and end - first <= step:
-                    pieces.append(_Piece(index, start, size))
-                    ranges[-1] = (first, end - first, pieces)
-                    continue
-            ranges.append((offset, size, [_Piece(index, start, size)]))
-    return ranges
-
-
-def _ranged_crcs(
-    source: Source,
-    records: Sequence[tuple[Record, memoryview | None]],
-    spool: tuple[int, set[int]] | None = None,
-) -> list[int]:
-    """CRC32 of each record, read as ranges of at most ``chunk_bytes`` on ``io_threads`` threads.
-
-    A record with a view is copied into it; one whose index is in ``spool``'s set is written to
-    the spool file descriptor at its offset in the source; any other is hashed and its bytes
-    dropped. At most ``io_threads`` ranges are in flight (and in memory), whatever the records'
-    sizes.
-    """
-    step = settings().chunk_bytes
-    ranges = _plan_ranges(records, step)
-
-    def read(task: tuple[int, int, list[_Piece]]) -> list[tuple[_Piece, int]]:
-        offset, size, pieces = task
-        data = memoryview(source.read_at(offset, size))
-        if len(data) != size:
-            raise CorruptCheckpointError(f"{source.url}: truncated: the file ends at {source.size}")
-        out = []
-        for piece in pieces:
-            at = records[piece.index][0].offset + piece.start - offset
-            chunk = data[at : at + piece.size]
-            view = records[piece.index][1]
-            if view is not None:
-                view[piece.start : piece.start + piece.size] = chunk
-            elif spool is not None and piece.index in spool[1]:
-                _pwrite_all(spool[0], chunk, offset + at)
-            out.append((piece, crc32(chunk, 0)))
-        return out
-
-    pool = ThreadPoolExecutor(max(1, settings().io_threads), thread_name_prefix="lwckpt-range")
-    try:
-        done = [part for parts in pool.map(read, ranges) for part in parts]
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    crcs = [0] * len(records)
-    for piece, value in sorted(done, key=lambda pair: (pair[0].index, pair[0].start)):
-        crcs[piece.index] = crc32_combine(crcs[piece.index], value, piece.size)
-    return crcs
-
-
-_RAM_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "devtmpfs"})
-
-
-def _filesystem_type(directory: str) -> str:
-    """The type of the filesystem ``directory`` lives on, from ``/proc/mounts`` ("" if unknown)."""
-    best, kind = "", ""
-    with contextlib.suppress(OSError), open("/proc/mounts", encoding="utf-8") as mounts:
-        real = os.path.realpath(directory)
-        for line in mounts:
-            _device, point, fstype, *_ = [*line.split(), "", "", ""]
-            point = point.replace("\\040", " ")
-            inside = real == point or real.startswith(point.rstrip("/") + "/")
-            if point and inside and len(point) > len(best):
-                best, kind = point, fstype
-    return kind
-
-
-def _open_spool(nbytes: int) -> IO[bytes] | None:
-    """An unnamed temporary file for ``nbytes`` of verified data, or None where none fits."""
-    configured = settings().spool_dir
-    if configured.lower() == "none":
-        return None
-    directory = configured or tempfile.gettempdir()
-    try:
-        if _filesystem_type(directory) in _RAM_FILESYSTEMS:
-            return None  # a spool there would be a second copy of the state in RAM
-        if shutil.disk_usage(directory).free < nbytes + (256 << 20):
-            return None
-        return tempfile.TemporaryFile(dir=directory)
-    except OSError:
-        return None
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        written = os.pwrite(fd, data, offset)
-        data, offset = data[written:], offset + written
-
-
-def _preadv_all(fd: int, buffer: memoryview, offset: int) -> None:
-    while buffer:
-        read = os.preadv(fd, [buffer], offset)
-        if read <= 0:
-            raise OSError(f"spool ended early at offset {offset}")
-        buffer, offset = buffer[read:], offset + read
 
 
 def _whole_storage(tensor: torch.Tensor) -> bool:
