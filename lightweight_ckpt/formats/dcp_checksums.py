@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from fsspec.implementations.local import LocalFileSystem
 
 from lightweight_ckpt.errors import CorruptCheckpointError
+from lightweight_ckpt.formats.ranges import crc32_combine
 from lightweight_ckpt.formats.zip_records import Record, crc32, crc_of_map, crc_of_source
 from lightweight_ckpt.storage import Location, open_source
 
@@ -42,12 +43,6 @@ MARKER = "lightweight_ckpt.crc32/1"
 SUFFIX = ".crc32"
 _FORMAT = 1
 _BOUNCE_BYTES = 16 * 1024 * 1024
-
-crc32_combine: Any
-try:
-    from isal.isal_zlib import crc32_combine
-except ImportError:  # pragma: no cover - isal (a dependency) has it; without, re-read the piece
-    crc32_combine = None
 
 
 def record_path(piece: str) -> str:
@@ -121,7 +116,7 @@ def _combine(chunks: list[tuple[int, int, int]], start: int | None, length: int)
     """CRC32 of ``length`` bytes from chunk ``start`` on, if whole chunks tile them, else None."""
     if length == 0:
         return 0
-    if start is None or crc32_combine is None:
+    if start is None:
         return None
     value, covered = 0, 0
     for _, count, crc in chunks[start:]:

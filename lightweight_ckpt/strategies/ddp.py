@@ -67,7 +67,7 @@ class DDPStrategy(Strategy):
                 location.url, "reading", lambda: location.fs.size(location.path)
             )
             if size is not None and int(size) > READ_ONCE_MAX_BYTES:
-                return _EVERY_RANK_READS
+                return (False, None)  # too large to hold a copy on every rank
             with self.checkpoint_io.open_checkpoint(
                 path,
                 map_location=self.map_location,
@@ -77,14 +77,13 @@ class DDPStrategy(Strategy):
                 checkpoint = reader.skeleton()
                 reader.verify({})
                 reader.fill()
-            return checkpoint
+            return (True, checkpoint)
 
-        checkpoint = collectives.broadcast_tree(self.run_on_all_ranks("read once", download))
-        if isinstance(checkpoint, str) and checkpoint == _EVERY_RANK_READS:
-            return None
-        return LoadedReader(checkpoint)
+        shared, checkpoint = collectives.broadcast_tree(
+            self.run_on_all_ranks("read once", download)
+        )
+        return LoadedReader(checkpoint) if shared else None
 
 
 READ_ONCE_MAX_BYTES = 8 << 30
 """Remote DDP files up to this size are read once and broadcast; larger ones by every rank."""
-_EVERY_RANK_READS = "lightweight_ckpt: every rank reads this file"
