@@ -3,7 +3,8 @@
 The state is a GPT-2-small-sized model (124.4M fp32 parameters, built from plain ``torch.nn``
 layers) plus its AdamW state after one real optimizer step: model + exp_avg + exp_avg_sq is
 ~1.49 GB. Every (round, contender, op) runs in a fresh worker process that builds the state,
-takes a memory baseline, runs the op once and reports wall time and peak extra RSS. Contenders
+takes a memory baseline, runs the op once and reports wall time and peak extra RSS (``--resume``
+also times each load together with the first optimizer step after it). Contenders
 are interleaved within each round; the table shows the median time over rounds.
 
 Run ``python benchmarks/save_load.py --help``; see ``benchmarks/README.md``.
@@ -173,6 +174,19 @@ def perturb(model: nn.Module, opt: torch.optim.Optimizer) -> None:
     """Add 1.0 to every state tensor in place, so a load that restores nothing is caught."""
     for _name, tensor in state_tensors(model, opt):
         tensor.add_(1.0)
+
+
+def set_resume_grads(model: nn.Module) -> None:
+    """Give every parameter the same deterministic gradient, so one step is reproducible."""
+    for param in model.parameters():
+        param.grad = torch.full_like(param, 1e-3)
+
+
+def digest_after_step(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, str]:
+    """The state's digest after one optimizer step with ``set_resume_grads`` (changes the state)."""
+    set_resume_grads(model)
+    opt.step()
+    return state_digest(model, opt)
 
 
 def verify_restored(
@@ -444,7 +458,7 @@ CONTENDERS: dict[str, type[Contender]] = {
         RawBytes,
     )
 }
-BASELINE = {"save": "torch", "load": "torch"}
+BASELINE = {"save": "torch", "load": "torch", "resume": "torch"}
 
 # --------------------------------------------------------------------------------------------
 # Worker: one op in a fresh process
@@ -455,8 +469,16 @@ def _expected_path(path: Path) -> Path:
     return path.with_name(path.name + ".expected.json")
 
 
-def run_worker_op(contender_name: str, op: str, path: Path, cfg: ModelConfig) -> dict[str, Any]:
-    """Build the state, run one op of one contender, and return the measurement as a dict."""
+def run_worker_op(
+    contender_name: str, op: str, path: Path, cfg: ModelConfig, resume: bool = False
+) -> dict[str, Any]:
+    """Build the state, run one op of one contender, and return the measurement as a dict.
+
+    ``resume`` times the load together with the first optimizer step after it (``--resume``):
+    a load that leaves the state memory-mapped (``torch.load(mmap=True)``) returns early and
+    the first step pays for the pages it did not read, and for copying each one it writes.
+    The save op then also records the state's digest after that step, which ``resume`` checks.
+    """
     contender = CONTENDERS[contender_name]()
     contender.setup()
     model, opt = build_state(cfg)
@@ -475,12 +497,28 @@ def run_worker_op(contender_name: str, op: str, path: Path, cfg: ModelConfig) ->
             do_save()
         result["file_bytes"] = harness.path_size(path)
         expected = {"digest": state_digest(model, opt)}
+        if resume:
+            expected["after_step"] = digest_after_step(model, opt)
         _expected_path(path).write_text(json.dumps(expected), encoding="utf-8")
     elif op == "load":
         expected = json.loads(_expected_path(path).read_text(encoding="utf-8"))
         perturb(model, opt)
         measurement, step = harness.measure(lambda: contender.load(path, model, opt))
         verify_restored(model, opt, expected["digest"], step)
+        result.update(measurement.to_json())
+        result["verified"] = True
+    elif op == "resume":
+        expected = json.loads(_expected_path(path).read_text(encoding="utf-8"))
+        perturb(model, opt)
+        set_resume_grads(model)
+
+        def load_and_step() -> int | None:
+            step = contender.load(path, model, opt)
+            opt.step()
+            return step
+
+        measurement, step = harness.measure(load_and_step)
+        verify_restored(model, opt, expected["after_step"], step)
         result.update(measurement.to_json())
         result["verified"] = True
     else:
@@ -497,6 +535,8 @@ def _worker_args(name: str, op: str, path: Path, args: argparse.Namespace, rnd: 
     argv = ["--worker", "--contender", name, "--op", op, "--path", str(path), "--round", str(rnd)]
     if args.size_mb is not None:
         argv += ["--size-mb", str(args.size_mb)]
+    if args.resume:
+        argv += ["--resume"]
     return argv
 
 
@@ -531,6 +571,16 @@ def run_round(
                 )
                 results.append({**res, "round": rnd})
                 _log(f"round {rnd} {name:>16} load {res['seconds']:7.2f}s")
+            if "load" in contender.ops and args.resume:
+                if args.cold_cache:
+                    harness.drop_page_cache(path)
+                res = harness.run_worker(
+                    SCRIPT,
+                    _worker_args(name, "resume", path, args, rnd),
+                    extra_pythonpath=[REPO_ROOT],
+                )
+                results.append({**res, "round": rnd})
+                _log(f"round {rnd} {name:>16} resume {res['seconds']:7.2f}s")
         finally:
             harness.remove_path(path)
             harness.remove_path(_expected_path(path))
@@ -541,7 +591,7 @@ def summarize(results: list[dict[str, Any]], names: list[str]) -> list[dict[str,
     """Median time and worst peak memory per (contender, op), with ratios to the torch baseline."""
     rows: list[dict[str, Any]] = []
     for name in names:
-        for op in ("save", "load"):
+        for op in ("save", "load", "resume"):
             runs = [r for r in results if r["contender"] == name and r["op"] == op]
             if not runs:
                 continue
@@ -656,10 +706,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="evict each checkpoint from the page "
         "cache (POSIX_FADV_DONTNEED) before loading it; default: loads read a warm cache",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="also time 'resume': each load followed by the first optimizer step (where loads "
+        "that leave state memory-mapped pay for the pages they did not read)",
+    )
     worker = p.add_argument_group("worker (internal)")
     worker.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     worker.add_argument("--contender", help=argparse.SUPPRESS)
-    worker.add_argument("--op", choices=("save", "prepare", "load"), help=argparse.SUPPRESS)
+    worker.add_argument(
+        "--op", choices=("save", "prepare", "load", "resume"), help=argparse.SUPPRESS
+    )
     worker.add_argument("--path", type=Path, help=argparse.SUPPRESS)
     worker.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     worker.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -672,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.worker:
         return orchestrate(args)
     cfg = config_for_size(args.size_mb)
-    result = run_worker_op(args.contender, args.op, args.path, cfg)
+    result = run_worker_op(args.contender, args.op, args.path, cfg, args.resume)
     result["round"] = args.round
     harness.write_result(args.result, result)
     return 0
