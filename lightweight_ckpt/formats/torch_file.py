@@ -44,7 +44,7 @@ import io
 import json
 import pickle
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
@@ -460,15 +460,48 @@ class TorchFileReader:
 
 
 def _parallel(fn: Callable[[_T], None], items: Sequence[_T]) -> None:
-    """Run ``fn`` over ``items`` on the configured threads; re-raise the first failure."""
+    """Run ``fn`` over ``items`` on the configured threads; re-raise the first failure.
+
+    The calling thread is one of the workers, and each worker takes the next item from a
+    shared iterator: a checkpoint of many small records (biases, AdamW's ``step`` scalars)
+    costs no future or wake-up per record. After a failure no new item starts.
+    """
     threads = min(settings().io_threads, len(items))
     if threads <= 1:
         for item in items:
             fn(item)
         return
-    with ThreadPoolExecutor(threads, thread_name_prefix="lwckpt-read") as pool:
-        for future in [pool.submit(fn, item) for item in items]:
-            future.result()
+    pending = iter(items)
+    lock = threading.Lock()
+    failures: list[BaseException] = []
+
+    def work() -> None:
+        while not failures:
+            with lock:
+                item = next(pending, _DONE)
+            if item is _DONE:
+                return
+            try:
+                fn(cast("_T", item))
+            except BaseException as err:  # noqa: BLE001 - re-raised in the calling thread
+                failures.append(err)
+
+    helpers = [
+        threading.Thread(target=work, name=f"lwckpt-read-{n}", daemon=True)
+        for n in range(threads - 1)
+    ]
+    for helper in helpers:
+        helper.start()
+    try:
+        work()
+    finally:
+        for helper in helpers:
+            helper.join()
+    if failures:
+        raise failures[0]
+
+
+_DONE = object()
 
 
 def _whole_storage(tensor: torch.Tensor) -> bool:
