@@ -46,7 +46,7 @@ from lightweight_ckpt.convert import convert
 from lightweight_ckpt.diff import DiffReport, diff_checkpoints
 from lightweight_ckpt.entries import read_skeleton, verify_file
 from lightweight_ckpt.errors import CheckpointError
-from lightweight_ckpt.formats import dcp_dir, torch_file, xla_shards
+from lightweight_ckpt.formats import dcp_dir, torch_writer, xla_shards
 from lightweight_ckpt.manager.orphans import DEFAULT_OLDER_THAN_S, find_orphans, remove_orphans
 from lightweight_ckpt.progress import progress_bar, wants_progress
 from lightweight_ckpt.storage import (
@@ -112,7 +112,7 @@ def consolidate(
                 advance(storage.nbytes())
 
         with staged_write(resolve(dst, dst_options)) as sink:
-            torch_file.write_streamed(tree, fill, sink)
+            torch_writer.write_streamed(tree, fill, sink)
             nbytes = sink.tell()
     log.info(
         "consolidated %s -> %s: %d bytes in %.2f s", src, dst, nbytes, time.perf_counter() - start

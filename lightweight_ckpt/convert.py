@@ -40,7 +40,7 @@ from lightweight_ckpt.entries import (
     select,
 )
 from lightweight_ckpt.errors import CheckpointWriteError, InvalidCheckpointError
-from lightweight_ckpt.formats import safetensors_file, torch_file
+from lightweight_ckpt.formats import safetensors_file, torch_file, torch_writer
 from lightweight_ckpt.progress import progress_bar
 from lightweight_ckpt.state import iter_tensors
 from lightweight_ckpt.storage import Sink, resolve, staged_write
@@ -266,6 +266,6 @@ def _from_safetensors(
                 advance(storage.nbytes())
 
         with staged_write(resolve(dst, options)) as sink:
-            torch_file.write_streamed(tree, fill, sink)
+            torch_writer.write_streamed(tree, fill, sink)
             nbytes = sink.tell()
     return ConvertReport(opened.url, dst, "from_safetensors", len(first), nbytes, aliases)

@@ -33,7 +33,7 @@ def age(path: Path, seconds: float) -> None:
 def killed_save(target: Path) -> Path:
     """SIGKILL a real save mid-write; return the temp file it left behind."""
     script = (
-        "import torch, lightweight_ckpt.formats.torch_file as tf\n"
+        "import torch, lightweight_ckpt.formats.torch_writer as tf\n"
         "import os, signal\n"
         "real = tf._RecordWriter.write_record\n"
         "def dying(self, name, data, nbytes):\n"

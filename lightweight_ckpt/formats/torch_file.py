@@ -37,30 +37,23 @@ checks where the format has them.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import functools
 import io
-import json
 import pickle
 import sys
 import threading
 from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
-from torch import _weights_only_unpickler
 
 from lightweight_ckpt.config import settings
 from lightweight_ckpt.errors import (
     CheckpointError,
     CheckpointReadError,
     CorruptCheckpointError,
-    InvalidCheckpointError,
-    UnsafeCheckpointError,
 )
-from lightweight_ckpt.formats import ranges
+from lightweight_ckpt.formats import ranges, torch_pickle
 from lightweight_ckpt.formats.zip_records import (
-    CRC_RECORD,
     LEGACY_MAGIC,
     Record,
     check_crc,
@@ -70,7 +63,7 @@ from lightweight_ckpt.formats.zip_records import (
     read_index,
 )
 from lightweight_ckpt.state import iter_tensors
-from lightweight_ckpt.storage import Sink, Source, SourceFile
+from lightweight_ckpt.storage import Source, SourceFile
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
@@ -81,107 +74,10 @@ _BOUNCE_BYTES = 8 * 1024 * 1024
 _T = TypeVar("_T")
 
 
-def write(checkpoint: Any, sink: Sink) -> None:
-    """Serialize ``checkpoint`` into ``sink`` as a torch zip archive, record by record."""
-    _write_records(checkpoint, sink, fill=None)
-
-
 def byte_view(storage: torch.UntypedStorage) -> memoryview:
     """Return a writable memoryview of a CPU storage's bytes (no copy, no numpy needed)."""
     array = (ctypes.c_ubyte * storage.nbytes()).from_address(storage.data_ptr())
     return memoryview(array).cast("B")
-
-
-_REFUSAL_MARKERS = ("global", "class", "Trying to", "weights_only", "allowlist")
-
-
-def _unpickling_error(url: str, err: Exception, weights_only: bool) -> InvalidCheckpointError:
-    """A refused type under ``weights_only`` is unsafe; anything else is damaged data."""
-    message = str(err)
-    if weights_only and any(marker in message for marker in _REFUSAL_MARKERS):
-        return _weights_only_error(url, err)
-    return CorruptCheckpointError(f"{url}: the checkpoint's pickle is damaged: {message}")
-
-
-def _weights_only_error(url: str, err: Exception) -> UnsafeCheckpointError:
-    return UnsafeCheckpointError(
-        f"{url}: weights_only=True refuses an object in this checkpoint ({err}). If you trust "
-        "the file, pass weights_only=False (a pickle can run arbitrary code), or allow the "
-        "type with torch.serialization.add_safe_globals([...])."
-    )
-
-
-class _OffFastPathError(Exception):
-    """The pickle names a global outside ``_fast_globals()``: torch.load must read it."""
-
-
-_FAST_NAMES = frozenset(
-    {
-        "_codecs.encode",
-        "builtins.bytearray",
-        "builtins.complex",
-        "builtins.set",
-        "collections.Counter",
-        "collections.OrderedDict",
-        "torch.Size",
-        "torch.device",
-        "torch.storage.UntypedStorage",
-        "torch._utils._rebuild_tensor",
-        "torch._utils._rebuild_tensor_v2",
-        "torch._utils._rebuild_parameter",
-        "torch._utils._rebuild_parameter_with_state",
-    }
-)
-
-
-@functools.cache
-def _fast_globals() -> dict[str, Any]:
-    """The part of torch's ``weights_only`` allowlist that plain dense checkpoints use.
-
-    Dense tensors, parameters, storage types, dtypes and plain containers. Everything else that
-    torch allows (sparse, quantized, nested and wrapper-subclass tensors, tensor subclasses,
-    ``add_safe_globals`` types) is left to ``torch.load`` itself, which validates those after
-    unpickling.
-    """
-    allowed = _weights_only_unpickler._get_allowed_globals()
-    return {
-        name: value
-        for name, value in allowed.items()
-        if name in _FAST_NAMES
-        or isinstance(value, torch.dtype)
-        or (name.startswith("torch.") and name.endswith("Storage") and "Q" not in name)
-    }
-
-
-class _FastUnpickler(pickle.Unpickler):
-    """``weights_only=True`` for dense checkpoints, at C speed (torch's is pure Python).
-
-    Only globals of ``_fast_globals()`` resolve, so every callable the pickle can reach is a
-    tensor or storage rebuild function or a plain type, none of which return callables: the
-    same power torch's own ``weights_only`` unpickler grants for these checkpoints. Any other
-    global raises ``_OffFastPathError`` and the whole file goes to
-    ``torch.load(weights_only=True)``, which accepts or refuses it with its own rules and messages.
-    """
-
-    def find_class(self, module: str, name: str) -> Any:
-        module = "builtins" if module == "__builtin__" else module  # protocol 2 names
-        found = _fast_globals().get(f"{module}.{name}")
-        if found is None:
-            raise _OffFastPathError(f"{module}.{name}")
-        return found
-
-
-class _FullUnpickler(pickle.Unpickler):
-    """``weights_only=False``: any global, with torch.load's renames for old storage classes."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if "Storage" in name:
-            try:
-                return torch.serialization.StorageType(name)  # type: ignore[no-untyped-call]
-            except KeyError:
-                pass
-        module = "torch._tensor" if module == "torch.tensor" else module
-        return super().find_class(module, name)
 
 
 class TorchFileReader:
@@ -216,7 +112,7 @@ class TorchFileReader:
         self._mapped = self.source.map()
         try:
             self._tree = self._unpickle(self._read_record(pickle_name))
-        except _OffFastPathError:
+        except torch_pickle.OffFastPathError:
             self._storages.clear()
             self._record_by_ptr.clear()
             self._verify_all()
@@ -242,16 +138,16 @@ class TorchFileReader:
         stream = io.BytesIO(data)
         unpickler: Any
         if self.weights_only:
-            unpickler = _FastUnpickler(stream, encoding="utf-8")
+            unpickler = torch_pickle.FastUnpickler(stream, encoding="utf-8")
         else:
-            unpickler = _FullUnpickler(stream, encoding="utf-8")
+            unpickler = torch_pickle.FullUnpickler(stream, encoding="utf-8")
         unpickler.persistent_load = self._persistent_load
         try:
             return unpickler.load()
-        except _OffFastPathError:
+        except torch_pickle.OffFastPathError:
             raise
         except pickle.UnpicklingError as err:
-            raise _unpickling_error(self.source.url, err, self.weights_only) from err
+            raise torch_pickle.unpickling_error(self.source.url, err, self.weights_only) from err
         except CorruptCheckpointError:
             raise
         except Exception as err:  # a damaged pickle can fail in any way
@@ -453,7 +349,7 @@ class TorchFileReader:
         except CheckpointError:
             raise  # the store failed (after retries): not a damaged file
         except pickle.UnpicklingError as err:
-            raise _unpickling_error(self.source.url, err, self.weights_only) from err
+            raise torch_pickle.unpickling_error(self.source.url, err, self.weights_only) from err
         except Exception as err:  # torch.load of damaged bytes can fail in any way
             detail = f"{type(err).__name__}: {err}".rstrip(": ")
             raise CorruptCheckpointError(f"{self.source.url}: unreadable ({detail})") from err
@@ -511,84 +407,3 @@ def _whole_storage(tensor: torch.Tensor) -> bool:
         and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
         and tensor.numel() > 0
     )
-
-
-class _RecordWriter:
-    """Torch's own zip writer, with CRC32s from ISA-L kept in one extra record.
-
-    Torch computes each record's CRC32 itself at a fraction of disk speed (a 7% slower save
-    here); we switch that off and compute them at ~25 GB/s as records pass, storing them as
-    ``<archive>/.data/lightweight_ckpt_crc32.json``, which ``torch.load`` ignores. With ``fill``,
-    each storage is read just before its bytes go out and freed after (``consolidate``).
-    """
-
-    def __init__(self, writer: Any, fill: Callable[[torch.UntypedStorage], None] | None) -> None:
-        self._writer = writer
-        self._fill = fill
-        self._prefix = f"{writer.archive_name()}/"
-        self.crcs: dict[str, int] = {}
-
-    def write_record(self, name: str, data: Any, nbytes: int) -> None:
-        if isinstance(data, torch.UntypedStorage):
-            if self._fill is not None:
-                self._fill(data)
-            self.crcs[self._prefix + name] = crc32(byte_view(data), 0) if nbytes else 0
-            self._writer.write_record(name, data, nbytes)
-            if self._fill is not None:
-                data.resize_(0)  # the bytes are in the file: give the memory back
-            return
-        raw = data.encode() if isinstance(data, str) else bytes(data)
-        self.crcs[self._prefix + name] = crc32(raw, 0)
-        self._writer.write_record(name, data, nbytes)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._writer, name)
-
-
-def _write_records(
-    checkpoint: Any,
-    sink: Sink,
-    fill: Callable[[torch.UntypedStorage], None] | None,
-) -> None:
-    try:
-        writer = torch._C.PyTorchFileWriter(
-            cast("IO[bytes]", sink), False, torch.serialization._get_storage_alignment()
-        )
-    except TypeError:  # torch < 2.6 has no CRC switch: torch computes the zip CRCs itself
-        with torch.serialization._open_zipfile_writer(cast("IO[bytes]", sink)) as zip_file:
-            records = _RecordWriter(zip_file, fill)
-            torch.serialization._save(  # type: ignore[no-untyped-call]
-                checkpoint, records, pickle, torch.serialization.DEFAULT_PROTOCOL, False
-            )
-        return
-    records = _RecordWriter(writer, fill)
-    try:
-        torch.serialization._save(  # type: ignore[no-untyped-call]
-            checkpoint, records, pickle, torch.serialization.DEFAULT_PROTOCOL, False
-        )
-        table = json.dumps(records.crcs, sort_keys=True).encode()
-        writer.write_record(CRC_RECORD, table, len(table))
-    except BaseException:
-        # Finish the archive even on failure, as torch's own writer context does: an
-        # unfinished writer finishes itself in its C++ destructor, into a sink that is gone by
-        # then, and aborts the process. The staged write discards the file anyway.
-        with contextlib.suppress(Exception):
-            writer.write_end_of_file()
-        raise
-    writer.write_end_of_file()
-    sink.flush()
-
-
-def write_streamed(
-    checkpoint: Any,
-    fill: Callable[[torch.UntypedStorage], None],
-    sink: Sink,
-) -> None:
-    """Write a torch zip archive whose tensors are read one at a time, just in time.
-
-    ``checkpoint``'s tensors are allocated but unread (untouched memory costs nothing);
-    ``fill(storage)`` reads one storage's bytes right before torch's own writer streams them,
-    and the storage is freed after. Peak memory is the largest tensor, not the checkpoint. The
-    pickling and record layout are ``torch.save``'s own (``torch.serialization._save``).
-    """
-    _write_records(checkpoint, sink, fill)

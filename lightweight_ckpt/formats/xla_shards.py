@@ -40,7 +40,7 @@ from lightweight_ckpt.errors import (
     InvalidCheckpointError,
     StateMismatchError,
 )
-from lightweight_ckpt.formats import torch_file
+from lightweight_ckpt.formats import torch_file, torch_writer
 from lightweight_ckpt.storage import Location, open_source, staged_write
 
 if TYPE_CHECKING:
@@ -313,5 +313,5 @@ def consolidate_dir(
     full, dropped = consolidate(source.url, shards)
     del shards
     with staged_write(target) as sink:
-        torch_file.write(full, sink)
+        torch_writer.write(full, sink)
         return sink.tell(), dropped

@@ -12,7 +12,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from lightweight_ckpt.errors import CheckpointError, CheckpointWriteError
-from lightweight_ckpt.formats import torch_file
+from lightweight_ckpt.formats import torch_file, torch_writer
 from lightweight_ckpt.io.base import CheckpointIO, CheckpointReader
 from lightweight_ckpt.storage import open_source, remove, write_with_retries
 
@@ -63,7 +63,7 @@ class TorchCheckpointIO(CheckpointIO):
 
         def write(sink: Sink) -> None:
             try:
-                torch_file.write(staged, sink)
+                torch_writer.write(staged, sink)
             except CheckpointError:
                 raise
             except Exception as err:

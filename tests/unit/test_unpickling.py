@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lightweight_ckpt import Fabric, UnsafeCheckpointError
-from lightweight_ckpt.formats import torch_file
+from lightweight_ckpt.formats import torch_pickle
 
 
 @dataclasses.dataclass
@@ -96,11 +96,11 @@ def test_refused_global_never_runs(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_fast_unpickler_refuses_what_torch_refuses() -> None:
     """The fast set is a subset of torch's allowlist: nothing outside it resolves."""
     allowed = torch._weights_only_unpickler._get_allowed_globals()
-    fast = torch_file._fast_globals()
+    fast = torch_pickle.fast_globals()
     assert fast, "the fast set is empty: every load would fall back to torch.load"
     assert all(allowed[name] is value for name, value in fast.items())
     assert "torch._utils._rebuild_sparse_tensor" not in fast
     data = pickle.dumps(print)
-    unpickler = torch_file._FastUnpickler(__import__("io").BytesIO(data))
-    with pytest.raises(torch_file._OffFastPathError):
+    unpickler = torch_pickle.FastUnpickler(__import__("io").BytesIO(data))
+    with pytest.raises(torch_pickle.OffFastPathError):
         unpickler.load()
