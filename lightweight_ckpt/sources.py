@@ -1,11 +1,19 @@
 """Random-access reads of one committed file: the ``Source`` protocol and its implementations.
 
 Formats fetch exactly the byte ranges they need and read straight into tensor memory: on local
-disk with ``preadv`` (or a private memory map), remotely through ``fs.cat_file`` ranges fetched
-in parallel (``io_threads`` GETs of at most ``chunk_bytes`` in flight, so memory stays bounded),
-each retried on its own (``retries.call_with_retries``), counted on a progress bar
-(``progress.transfer_bar``). ``SourceFile`` wraps a ``Source`` as a
-seekable file object for ``zipfile`` and ``torch.load``.
+disk with ``preadv`` (or a private memory map), remotely through ranged GETs, each retried on its
+own (``retries.call_with_retries``), counted on a progress bar (``progress.transfer_bar``).
+
+Bulk remote reads are *streams* (``Source.stream``): one long byte span, read in pieces of the
+caller's size. On S3 a stream is a single ranged ``GetObject`` whose body is read piece by piece
+as it arrives, so a load makes a few long-lived requests instead of one per ``chunk_bytes``
+(fewer round trips on S3; on servers that read the whole object for every ranged GET, such as
+moto, far less work). A stream cut short (reset, stall, truncated body) reopens at the first byte
+it has not delivered, within the retry policy. Other filesystems (gcsfs, ...) stream as
+successive ``cat_file`` ranges of the piece size. Small reads (the zip directory, local headers,
+the pickle) come from 64 KiB read-ahead blocks; the file's last ``_TAIL_BYTES`` (the zip
+directory) are fetched once. ``SourceFile`` wraps a ``Source`` as a seekable file object for
+``zipfile`` and ``torch.load``.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
+
+from fsspec.asyn import sync
 
 from lightweight_ckpt.config import settings
 from lightweight_ckpt.errors import (
@@ -31,11 +41,29 @@ if TYPE_CHECKING:
     from lightweight_ckpt.location import Location
 
 
+class RangeStream(Protocol):
+    """Sequential reads of one byte span of a file (``Source.stream``)."""
+
+    def readinto(self, buffer: memoryview) -> None:
+        """Fill all of ``buffer`` with the span's next bytes.
+
+        Raises:
+            CorruptCheckpointError: the file ends before the span does.
+            CheckpointReadError: the store failed for good (after retries).
+        """
+
+    def close(self) -> None:
+        """Release the connection (a span may be abandoned before its end)."""
+
+
 class Source(Protocol):
     """Random-access reads of one committed file."""
 
     url: str
     size: int
+
+    def stream(self, offset: int, size: int) -> RangeStream:
+        """Open ``size`` bytes from ``offset`` for sequential reads (one request where possible)."""
 
     def read_at(self, offset: int, size: int) -> bytes:
         """Return exactly ``size`` bytes at ``offset`` (fewer only at the end of the file)."""
@@ -77,6 +105,9 @@ class _LocalSource:
                 raise CorruptCheckpointError(f"{self.url}: truncated: the file ends at {self.size}")
             done += got
 
+    def stream(self, offset: int, size: int) -> RangeStream:
+        return _PositionalStream(self, offset)
+
     def map(self) -> mmap.mmap | None:
         if self.size == 0:
             return None
@@ -86,19 +117,37 @@ class _LocalSource:
         os.close(self._fd)
 
 
+class _PositionalStream:
+    """A stream as successive ``readinto_at`` calls (local files; stores without bodies)."""
+
+    def __init__(self, source: _LocalSource | _FsspecSource, offset: int) -> None:
+        self._source = source
+        self._pos = offset
+
+    def readinto(self, buffer: memoryview) -> None:
+        self._source.readinto_at(self._pos, buffer)
+        self._pos += len(buffer)
+
+    def close(self) -> None:
+        """Nothing is held between reads."""
+
+
 _SMALL_READ_BYTES = 4096
 _READ_AHEAD_BYTES = 64 * 1024
-_CACHED_BLOCKS = 16
+_CACHED_BLOCKS = 64  # 4 MiB: every local header of a checkpoint of a few hundred records
+_TAIL_BYTES = 1 << 20  # the zip directory (and the records just before it), fetched once
 
 
 class _FsspecSource:
     """Ranged reads through ``fs.cat_file``: no shared file position, so threads may share it.
 
     Small reads (the zip index: one header per record) are served from 64 KiB read-ahead
-    blocks, a few kept. Each range is retried on its own (``call_with_retries``);
-    ``readinto_at`` fetches a large buffer as ``chunk_bytes`` ranges on a pool of
-    ``io_threads``, straight into its slices, so at most ``io_threads * chunk_bytes`` bytes are
-    in flight whatever the buffer's size.
+    blocks (the first one and the file's last ``_TAIL_BYTES`` are kept for the source's life,
+    the others least recently used first). Each range is retried on its own
+    (``call_with_retries``); ``readinto_at`` fetches a large buffer as ``chunk_bytes`` ranges
+    on a pool of ``io_threads``, straight into its slices, so at most ``io_threads *
+    chunk_bytes`` bytes are in flight whatever the buffer's size. ``stream`` opens one long
+    ranged GET on S3 (``_S3Stream``), successive ranges elsewhere.
     """
 
     def __init__(self, url: str, fs: Any, path: str) -> None:
@@ -112,13 +161,17 @@ class _FsspecSource:
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._blocks: dict[int, bytes] = {}
+        self._tail: bytes | None = None
+        self._tail_start = max(0, self.size - _TAIL_BYTES)
         self._bar = contextlib.ExitStack()  # closed with the source
-        self._advance = self._bar.enter_context(transfer_bar(f"loading {url}"))
+        self.advance = self._bar.enter_context(transfer_bar(f"loading {url}"))
 
     def read_at(self, offset: int, size: int) -> bytes:
         end = min(offset + size, self.size)
         if end <= offset:
             return b""
+        if offset >= self._tail_start:
+            return self._tail_block()[offset - self._tail_start : end - self._tail_start]
         block_start = offset - offset % _READ_AHEAD_BYTES
         if end - offset <= _SMALL_READ_BYTES and end <= block_start + _READ_AHEAD_BYTES:
             return self._block(block_start)[offset - block_start : end - block_start]
@@ -130,20 +183,36 @@ class _FsspecSource:
                 self.url, "reading", lambda: self._fs.cat_file(self._path, start=start, end=end)
             )
         )
-        self._advance(len(data))
+        self.advance(len(data))
         return data
+
+    def _tail_block(self) -> bytes:
+        """The file's last ``_TAIL_BYTES``: the zip directory is read in several small reads."""
+        if self._tail is None:
+            tail = self._get(self._tail_start, self.size)
+            with self._lock:
+                self._tail = tail
+        return self._tail
 
     def _block(self, start: int) -> bytes:
         """A cached read-ahead block: index reads (zip headers, directory) are many and tiny."""
         with self._lock:
-            block = self._blocks.get(start)
+            block = self._blocks.pop(start, None)
+            if block is not None:
+                self._blocks[start] = block  # most recently used last
         if block is None:
             block = self._get(start, min(start + _READ_AHEAD_BYTES, self.size))
             with self._lock:
                 self._blocks[start] = block
-                while len(self._blocks) > _CACHED_BLOCKS:
-                    del self._blocks[next(iter(self._blocks))]
+                evictable = [key for key in self._blocks if key != 0]
+                while len(self._blocks) > _CACHED_BLOCKS and evictable:
+                    del self._blocks[evictable.pop(0)]
         return block
+
+    def stream(self, offset: int, size: int) -> RangeStream:
+        if _is_s3(self._fs):
+            return _S3Stream(self, self._fs, self._path, offset, size)
+        return _PositionalStream(self, offset)
 
     def readinto_at(self, offset: int, buffer: memoryview) -> None:
         step = settings().chunk_bytes
@@ -179,6 +248,82 @@ class _FsspecSource:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
         self._bar.close()
+
+
+def _is_s3(fs: Any) -> bool:
+    """True for an s3fs filesystem (it has the async ``_call_s3`` that ``_S3Stream`` needs)."""
+    protocol = fs.protocol
+    names = (protocol,) if isinstance(protocol, str) else tuple(protocol)
+    return bool({"s3", "s3a"} & set(names)) and hasattr(fs, "_call_s3")
+
+
+class _S3Stream:
+    """One ranged ``GetObject`` whose body is read piece by piece, resumed where it broke.
+
+    The body is read on s3fs's event loop into the caller's buffer (aiohttp hands it over in
+    small pieces and stops reading the socket while its own buffer is full), so the stream
+    holds no more than the caller's buffer. A failure mid-way (reset, read timeout, a body cut
+    short) closes the response and, within the retry policy, opens a new GET for the bytes not
+    yet delivered.
+    """
+
+    def __init__(self, source: _FsspecSource, fs: Any, path: str, offset: int, size: int) -> None:
+        self._source = source
+        self._loop = fs.loop
+        self._call_s3 = fs._call_s3
+        self._bucket, _, self._key = path.partition("/")
+        self._pos = offset
+        self._end = offset + size
+        self._body: Any = None
+
+    def readinto(self, buffer: memoryview) -> None:
+        if self._pos + len(buffer) > min(self._end, self._source.size):
+            raise CorruptCheckpointError(
+                f"{self._source.url}: truncated: the file ends at {self._source.size}"
+            )
+        rest = buffer
+
+        def attempt() -> None:
+            nonlocal rest
+            done = [0]
+            try:
+                if self._body is None:
+                    self._body = sync(self._loop, self._open)
+                sync(self._loop, _read_body, self._body, rest, done)
+            except BaseException:
+                self.close()  # the next attempt opens a new GET from the first byte not read
+                raise
+            finally:
+                self._pos += done[0]
+                self._source.advance(done[0])
+                rest = rest[done[0] :]
+
+        call_with_retries(self._source.url, "reading", attempt)
+
+    async def _open(self) -> Any:
+        response = await self._call_s3(
+            "get_object",
+            Bucket=self._bucket,
+            Key=self._key,
+            Range=f"bytes={self._pos}-{self._end - 1}",
+        )
+        return response["Body"]
+
+    def close(self) -> None:
+        body, self._body = self._body, None
+        if body is not None:
+            with contextlib.suppress(Exception):
+                body.close()
+
+
+async def _read_body(body: Any, buffer: memoryview, done: list[int]) -> None:
+    """Fill ``buffer`` from an aiobotocore body, counting delivered bytes in ``done[0]``."""
+    while done[0] < len(buffer):
+        chunk = await body.read(len(buffer) - done[0])
+        if not chunk:
+            raise ConnectionResetError("the response body ended before the requested range")
+        buffer[done[0] : done[0] + len(chunk)] = chunk
+        done[0] += len(chunk)
 
 
 class SourceFile(io.RawIOBase):

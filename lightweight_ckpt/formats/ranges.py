@@ -1,8 +1,12 @@
-"""Reading zip records from remote sources as parallel ranges, and the local spool.
+"""Reading zip records from remote sources as a few parallel streams, and the local spool.
 
-A remote checkpoint (s3://, gs://, ...) is read as ranges of at most ``chunk_bytes``,
-``io_threads`` at a time, whichever records they belong to; neighbouring small records share one
-request (``plan_ranges``). Each record's CRC32 is combined from its ranges' (``crc32_combine``).
+A remote checkpoint (s3://, gs://, ...) is read as ranges of at most ``chunk_bytes``, whichever
+records they belong to; neighbouring small records share one range (``plan_ranges``). The ranges
+are then cut into about ``io_threads`` contiguous *spans* of equal size (``plan_spans``), and each
+span is read by one thread as one stream (``Source.stream``: a single ranged GET on S3), range by
+range into a reused ``chunk_bytes`` buffer, or straight into a target tensor's memory. So a load
+makes a handful of requests whatever its size, and holds ``io_threads * chunk_bytes`` bytes
+beyond its targets. Each record's CRC32 is combined from its ranges' (``crc32_combine``).
 Bytes bound for the caller's tensors may go to a *spool*: an unnamed local temporary file
 (``LWCKPT_SPOOL_DIR``) that holds verified bytes until every CRC passed, so each byte crosses the
 network once without a second copy of the state in memory (``open_spool``).
@@ -19,13 +23,12 @@ from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING
 
 from lightweight_ckpt.config import settings
-from lightweight_ckpt.errors import CorruptCheckpointError
 from lightweight_ckpt.formats.zip_records import Record, crc32
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from lightweight_ckpt.storage import Source
+    from lightweight_ckpt.storage import RangeStream, Source
 
 _CRC32_POLY = 0xEDB88320
 
@@ -112,47 +115,108 @@ def plan_ranges(
     return ranges
 
 
+_SPAN_GAP_BYTES = 1 << 20  # a longer gap between wanted ranges starts a new request
+
+
+def plan_spans(
+    ranges: Sequence[tuple[int, int, list[_Piece]]], streams: int
+) -> list[list[tuple[int, int, list[_Piece]]]]:
+    """Group sorted ``ranges`` into about ``streams`` contiguous spans of similar byte counts.
+
+    A gap over ``_SPAN_GAP_BYTES`` between two ranges (records left out of the read) also
+    starts a new span, so a stream never downloads much that nobody wants.
+    """
+    total = sum(size for _, size, _ in ranges)
+    target = max(1, -(-total // max(1, streams)))
+    spans: list[list[tuple[int, int, list[_Piece]]]] = []
+    filled = 0
+    for task in ranges:
+        if spans:
+            last_offset, last_size, _ = spans[-1][-1]
+            gap = task[0] - (last_offset + last_size)
+            if filled < target and 0 <= gap <= _SPAN_GAP_BYTES:
+                spans[-1].append(task)
+                filled += task[1]
+                continue
+        spans.append([task])
+        filled = task[1]
+    return spans
+
+
 def ranged_crcs(
     source: Source,
     records: Sequence[tuple[Record, memoryview | None]],
     spool: tuple[int, set[int]] | None = None,
 ) -> list[int]:
-    """CRC32 of each record, read as ranges of at most ``chunk_bytes`` on ``io_threads`` threads.
+    """CRC32 of each record, read as about ``io_threads`` streams of ``chunk_bytes`` pieces.
 
-    A record with a view is copied into it; one whose index is in ``spool``'s set is written to
-    the spool file descriptor at its offset in the source; any other is hashed and its bytes
-    dropped. At most ``io_threads`` ranges are in flight (and in memory), whatever the records'
-    sizes.
+    A record with a view is copied into it (read straight into it where a range is one piece
+    of it); one whose index is in ``spool``'s set is written to the spool file descriptor at its
+    offset in the source; any other is hashed and its bytes dropped. Each stream holds one
+    ``chunk_bytes`` buffer, whatever the records' sizes.
     """
-    step = settings().chunk_bytes
-    ranges = plan_ranges(records, step)
+    tunables = settings()
+    step = tunables.chunk_bytes
+    threads = max(1, tunables.io_threads)
+    spans = plan_spans(plan_ranges(records, step), threads)
 
-    def read(task: tuple[int, int, list[_Piece]]) -> list[tuple[_Piece, int]]:
-        offset, size, pieces = task
-        data = memoryview(source.read_at(offset, size))
-        if len(data) != size:
-            raise CorruptCheckpointError(f"{source.url}: truncated: the file ends at {source.size}")
-        out = []
-        for piece in pieces:
-            at = records[piece.index][0].offset + piece.start - offset
-            chunk = data[at : at + piece.size]
-            view = records[piece.index][1]
-            if view is not None:
-                view[piece.start : piece.start + piece.size] = chunk
-            elif spool is not None and piece.index in spool[1]:
-                pwrite_all(spool[0], chunk, offset + at)
-            out.append((piece, crc32(chunk, 0)))
+    def read_span(span: list[tuple[int, int, list[_Piece]]]) -> list[tuple[_Piece, int]]:
+        start = span[0][0]
+        stream = source.stream(start, span[-1][0] + span[-1][1] - start)
+        buffer = memoryview(bytearray(min(step, max(size for _, size, _ in span))))
+        out: list[tuple[_Piece, int]] = []
+        try:
+            position = start
+            for offset, size, pieces in span:
+                while position < offset:  # a gap: headers of records nobody asked for
+                    skip = buffer[: min(len(buffer), offset - position)]
+                    stream.readinto(skip)
+                    position += len(skip)
+                out += _read_range(stream, records, (offset, size, pieces), buffer, spool)
+                position = offset + size
+        finally:
+            stream.close()
         return out
 
-    pool = ThreadPoolExecutor(max(1, settings().io_threads), thread_name_prefix="lwckpt-range")
+    pool = ThreadPoolExecutor(min(threads, len(spans)) or 1, thread_name_prefix="lwckpt-range")
     try:
-        done = [part for parts in pool.map(read, ranges) for part in parts]
+        done = [part for parts in pool.map(read_span, spans) for part in parts]
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     crcs = [0] * len(records)
     for piece, value in sorted(done, key=lambda pair: (pair[0].index, pair[0].start)):
         crcs[piece.index] = crc32_combine(crcs[piece.index], value, piece.size)
     return crcs
+
+
+def _read_range(
+    stream: RangeStream,
+    records: Sequence[tuple[Record, memoryview | None]],
+    task: tuple[int, int, list[_Piece]],
+    buffer: memoryview,
+    spool: tuple[int, set[int]] | None,
+) -> list[tuple[_Piece, int]]:
+    """Read one planned range from ``stream`` and hand each piece to its record's destination."""
+    offset, size, pieces = task
+    only = records[pieces[0].index][1] if len(pieces) == 1 else None
+    if only is not None:  # one piece of a target: straight into its memory, no copy
+        piece = pieces[0]
+        target = only[piece.start : piece.start + piece.size]
+        stream.readinto(target)
+        return [(piece, crc32(target, 0))]
+    data = buffer[:size]
+    stream.readinto(data)
+    out = []
+    for piece in pieces:
+        at = records[piece.index][0].offset + piece.start - offset
+        chunk = data[at : at + piece.size]
+        view = records[piece.index][1]
+        if view is not None:
+            view[piece.start : piece.start + piece.size] = chunk
+        elif spool is not None and piece.index in spool[1]:
+            pwrite_all(spool[0], chunk, offset + at)
+        out.append((piece, crc32(chunk, 0)))
+    return out
 
 
 _RAM_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "devtmpfs"})
