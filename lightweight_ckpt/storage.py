@@ -5,8 +5,9 @@ This is the only module that opens a final checkpoint path for writing. A write 
 
 - local disk: a hidden temp file in the destination directory (never ``$TMPDIR``: renames across
   devices fail), fsync, ``os.replace`` over the target, fsync of the directory;
-- object stores that defer the commit of an upload (s3fs, gcsfs): ``open(..., autocommit=False)``,
-  then ``commit()`` (completes the multipart upload) or ``discard()`` (aborts it);
+- S3 and GCS: our own part writers (``uploads``), parts streamed with bounded memory, several
+  in flight; ``commit()`` publishes the object in one request (S3: completes the multipart
+  upload; GCS: composes the uploaded components), ``discard()`` removes what was uploaded;
 - any other fsspec filesystem (``memory://``, ...): a hidden temp key beside the target, then a
   move onto the target.
 
@@ -37,8 +38,9 @@ from lightweight_ckpt.retries import (
     classify_failure,
     storage_error,
 )
-from lightweight_ckpt.sources import Source, SourceFile, open_source
+from lightweight_ckpt.sources import RangeStream, Source, SourceFile, open_source
 from lightweight_ckpt.uploads import (
+    GCSComposeWriter,
     IncompleteUpload,
     S3PartWriter,
     abort_incomplete_uploads,
@@ -51,6 +53,7 @@ if TYPE_CHECKING:
 __all__ = [
     "IncompleteUpload",
     "Location",
+    "RangeStream",
     "RetryPolicy",
     "Sink",
     "Source",
@@ -164,42 +167,16 @@ def _staged_local(location: Location) -> Iterator[Sink]:
 
 @contextlib.contextmanager
 def _staged_deferred(location: Location) -> Iterator[Sink]:
-    with transfer_bar(f"saving {location.url}") as advance:
-        if location.protocol in _S3_PROTOCOLS:
-            with _staged_s3(location, advance) as sink:
-                yield sink
-            return
-        remote = location.fs.open(location.path, "wb", autocommit=False)
-        try:
-            yield _ChunkedWriter(remote, advance)
-            remote.close()
-            remote.commit()  # a failed commit is discarded below: no upload left in progress
-        except BaseException:
-            with contextlib.suppress(Exception):
-                remote.discard()  # aborts the multipart upload
-            remote.closed = True  # or its __del__ would flush a new, orphan upload
-            raise
-        finally:
-            _forget(location.fs, remote)
-
-
-@contextlib.contextmanager
-def _staged_s3(location: Location, advance: Callable[[int], None]) -> Iterator[Sink]:
     tunables = settings()
-    writer = S3PartWriter(location, tunables.part_bytes, tunables.parts_in_flight, advance)
-    try:
-        yield writer
-        writer.commit()
-    except BaseException:
-        writer.discard()  # aborts the multipart upload; never raises
-        raise
-
-
-def _forget(fs: Any, remote: Any) -> None:
-    """Fsspec files opened with ``autocommit=False`` join the fs's transaction list forever."""
-    files = getattr(getattr(fs, "_transaction", None), "files", None)
-    if files is not None and remote in files:
-        files.remove(remote)
+    kind = S3PartWriter if location.protocol in _S3_PROTOCOLS else GCSComposeWriter
+    with transfer_bar(f"saving {location.url}") as advance:
+        writer = kind(location, tunables.part_bytes, tunables.parts_in_flight, advance)
+        try:
+            yield writer
+            writer.commit()
+        except BaseException:
+            writer.discard()  # removes what the upload stored; never raises
+            raise
 
 
 @contextlib.contextmanager

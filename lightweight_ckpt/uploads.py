@@ -24,7 +24,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import io
+import posixpath
+import re
 import threading
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -83,14 +86,12 @@ class _PartBody(io.RawIOBase):
         return len(self._data)
 
 
-class S3PartWriter:
-    """A sink that streams one S3 object as a multipart upload; see the module docstring.
+class _PartWriter:
+    """Part buffering shared by the S3 and GCS writers: parts upload on a pool while the next fills.
 
-    Args:
-        location: the object (an s3fs filesystem and ``bucket/key``).
-        part_bytes: the size of every part but the last (at least 5 MiB).
-        parts_in_flight: parts uploading at once, on as many threads.
-        on_part: called with the byte count of every part the store has acknowledged.
+    Subclasses say how a part is stored (``_put_part``), how the parts become the object
+    (``_publish``), how an object smaller than one part is stored (``_put_whole``) and how
+    stored parts are removed (``_abort``).
     """
 
     def __init__(
@@ -102,7 +103,7 @@ class S3PartWriter:
     ) -> None:
         self._location = location
         self._bucket, _, self._key = location.path.partition("/")
-        self._part_bytes = max(S3_MIN_PART_BYTES, part_bytes)
+        self._part_bytes = part_bytes
         self._on_part = on_part
         self._slots = threading.BoundedSemaphore(parts_in_flight)
         self._pool = ThreadPoolExecutor(parts_in_flight, thread_name_prefix="lwckpt-put")
@@ -110,8 +111,8 @@ class S3PartWriter:
         self._buffer = bytearray(self._part_bytes)
         self._filled = 0
         self._written = 0
-        self._upload_id: str | None = None
-        self._parts: list[Future[dict[str, Any]]] = []
+        self._started = False
+        self._parts: list[Future[Any]] = []
 
     def write(self, data: Any) -> int:
         """Copy ``data`` into part buffers, uploading each as it fills; return the byte count."""
@@ -136,33 +137,24 @@ class S3PartWriter:
 
     def commit(self) -> None:
         """Upload what is left, wait for every part, and publish the object."""
-        if self._upload_id is None:  # smaller than one part: one PUT, atomic too
-            self._client_call("put_object", memoryview(self._buffer)[: self._filled])
+        if not self._started:  # smaller than one part: one upload, atomic too
+            self._put_whole(memoryview(self._buffer)[: self._filled])
             if self._on_part is not None:
                 self._on_part(self._filled)
         else:
             if self._filled:
                 self._send_part()
-            parts = [future.result() for future in self._parts]
-            self._location.fs.call_s3(
-                "complete_multipart_upload",
-                Bucket=self._bucket,
-                Key=self._key,
-                UploadId=self._upload_id,
-                MultipartUpload={"Parts": parts},
-            )
+            self._publish([future.result() for future in self._parts])
         self._location.fs.invalidate_cache(self._location.path)
         self._close()
 
     def discard(self) -> None:
-        """Stop the part uploads and abort the multipart upload (nothing is published)."""
+        """Stop the part uploads and remove what they stored (nothing is published)."""
         self._close()
-        if self._upload_id is not None:
-            upload_id, self._upload_id = self._upload_id, None
+        if self._started:
+            self._started = False
             with contextlib.suppress(Exception):
-                self._location.fs.call_s3(
-                    "abort_multipart_upload", Bucket=self._bucket, Key=self._key, UploadId=upload_id
-                )
+                self._abort()
 
     def _close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -172,11 +164,9 @@ class S3PartWriter:
         for future in self._parts:  # a failed part fails the save now, not at commit
             if future.done() and future.exception() is not None:
                 future.result()
-        if self._upload_id is None:
-            created = self._location.fs.call_s3(
-                "create_multipart_upload", Bucket=self._bucket, Key=self._key
-            )
-            self._upload_id = str(created["UploadId"])
+        if not self._started:
+            self._start()
+            self._started = True
         self._slots.acquire()  # at most parts_in_flight uploads (and their buffers) at once
         number = len(self._parts) + 1
         buffer, size = self._buffer, self._filled
@@ -186,23 +176,81 @@ class S3PartWriter:
         self._buffer = spare if spare is not None and len(spare) == want else bytearray(want)
         self._filled = 0
 
-    def _upload_part(self, number: int, buffer: bytearray, size: int) -> dict[str, Any]:
+    def _upload_part(self, number: int, buffer: bytearray, size: int) -> Any:
         try:
-            out = self._client_call(
-                "upload_part",
-                memoryview(buffer)[:size],
-                PartNumber=number,
-                UploadId=self._upload_id,
-            )
+            out = self._put_part(number, memoryview(buffer)[:size])
             if self._on_part is not None:
                 self._on_part(size)
-            part = {"PartNumber": number, "ETag": out["ETag"]}
-            if "ChecksumSHA256" in out:  # as s3fs: the one checksum complete needs repeated
-                part["ChecksumSHA256"] = out["ChecksumSHA256"]
-            return part
+            return out
         finally:
             self._spare.append(buffer)  # list.append is atomic; the filler pops
             self._slots.release()
+
+    def _start(self) -> None:
+        """Prepare for parts (before the first is sent)."""
+
+    def _put_part(self, number: int, data: memoryview) -> Any:
+        raise NotImplementedError
+
+    def _publish(self, parts: list[Any]) -> None:
+        raise NotImplementedError
+
+    def _put_whole(self, data: memoryview) -> None:
+        raise NotImplementedError
+
+    def _abort(self) -> None:
+        raise NotImplementedError
+
+
+class S3PartWriter(_PartWriter):
+    """A sink that streams one S3 object as a multipart upload; see the module docstring.
+
+    Args:
+        location: the object (an s3fs filesystem and ``bucket/key``).
+        part_bytes: the size of every part but the last (at least 5 MiB).
+        parts_in_flight: parts uploading at once, on as many threads.
+        on_part: called with the byte count of every part the store has acknowledged.
+    """
+
+    def __init__(
+        self,
+        location: Location,
+        part_bytes: int,
+        parts_in_flight: int,
+        on_part: Callable[[int], None] | None = None,
+    ) -> None:
+        super().__init__(location, max(S3_MIN_PART_BYTES, part_bytes), parts_in_flight, on_part)
+        self._upload_id: str | None = None
+
+    def _start(self) -> None:
+        created = self._location.fs.call_s3(
+            "create_multipart_upload", Bucket=self._bucket, Key=self._key
+        )
+        self._upload_id = str(created["UploadId"])
+
+    def _put_part(self, number: int, data: memoryview) -> dict[str, Any]:
+        out = self._client_call("upload_part", data, PartNumber=number, UploadId=self._upload_id)
+        part = {"PartNumber": number, "ETag": out["ETag"]}
+        if "ChecksumSHA256" in out:  # as s3fs: the one checksum complete needs repeated
+            part["ChecksumSHA256"] = out["ChecksumSHA256"]
+        return part
+
+    def _publish(self, parts: list[Any]) -> None:
+        self._location.fs.call_s3(
+            "complete_multipart_upload",
+            Bucket=self._bucket,
+            Key=self._key,
+            UploadId=self._upload_id,
+            MultipartUpload={"Parts": parts},
+        )
+
+    def _put_whole(self, data: memoryview) -> None:
+        self._client_call("put_object", data)
+
+    def _abort(self) -> None:
+        self._location.fs.call_s3(
+            "abort_multipart_upload", Bucket=self._bucket, Key=self._key, UploadId=self._upload_id
+        )
 
     def _client_call(self, method: str, data: memoryview, **params: Any) -> dict[str, Any]:
         """Call ``method`` with ``data`` as the body, on the client directly (see the docstring).
@@ -212,6 +260,84 @@ class S3PartWriter:
         fs = self._location.fs
         params.update(Bucket=self._bucket, Key=self._key, Body=_PartBody(data))
         return sync(fs.loop, _client_call, fs, method, params)  # type: ignore[no-any-return]
+
+
+GCS_MAX_COMPOSE = 32  # source objects per GCS compose request
+_COMPONENT = re.compile(r"^\.(?P<name>.+)\.part-(?P<token>[0-9a-f]{12})-[0-9a-z-]+$")
+
+
+def _component_prefix(key: str, token: str) -> str:
+    """``dir/.name.part-<token>-``: the components of one GCS save are named from this."""
+    parent, name = posixpath.split(key)
+    return posixpath.join(parent, f".{name}.part-{token}-")
+
+
+class GCSComposeWriter(_PartWriter):
+    """A sink that uploads one GCS object as parallel components, then composes them.
+
+    Each full part is stored as a hidden *component* object next to the target
+    (``dir/.name.part-<token>-00001``, ...), ``parts_in_flight`` at once (gcsfs's resumable
+    upload sends its chunks one at a time). ``commit`` composes them into the target in one
+    request (a tree of requests beyond 32 components), so the object appears only when whole,
+    then deletes them; ``discard`` deletes them. A killed save leaves its components, which
+    ``incomplete_uploads`` lists by name. gcsfs copies each part once into its request body.
+    """
+
+    def __init__(
+        self,
+        location: Location,
+        part_bytes: int,
+        parts_in_flight: int,
+        on_part: Callable[[int], None] | None = None,
+    ) -> None:
+        super().__init__(location, part_bytes, parts_in_flight, on_part)
+        self._prefix = _component_prefix(self._key, uuid.uuid4().hex[:12])
+
+    def _put_part(self, number: int, data: memoryview) -> str:
+        key = f"{self._prefix}{number:05d}"
+        self._upload(key, data)
+        return key
+
+    def _upload(self, key: str, data: memoryview) -> None:
+        from gcsfs.core import simple_upload  # noqa: PLC0415 - gcsfs is optional
+
+        fs = self._location.fs
+        sync(fs.loop, simple_upload, fs, self._bucket, key, data)
+
+    def _put_whole(self, data: memoryview) -> None:
+        self._upload(self._key, data)
+
+    def _publish(self, parts: list[Any]) -> None:
+        keys: list[str] = parts
+        level = 0
+        while len(keys) > GCS_MAX_COMPOSE:  # compose groups of 32, then groups of those
+            level += 1
+            groups = [keys[i : i + GCS_MAX_COMPOSE] for i in range(0, len(keys), GCS_MAX_COMPOSE)]
+            keys = [f"{self._prefix}c{level}-{i:05d}" for i in range(len(groups))]
+            list(self._compose_pool().map(self._compose, keys, groups))
+        self._compose(self._key, keys)
+        with contextlib.suppress(Exception):  # leftovers are listed by incomplete_uploads
+            self._abort()
+
+    def _compose_pool(self) -> ThreadPoolExecutor:
+        self._pool.shutdown(wait=True)
+        self._pool = ThreadPoolExecutor(GCS_MAX_COMPOSE // 4, thread_name_prefix="lwckpt-compose")
+        return self._pool
+
+    def _compose(self, key: str, sources: list[str]) -> None:
+        fs = self._location.fs
+        target = f"{self._bucket}/{key}"
+        paths = [f"{self._bucket}/{source}" for source in sources]
+        call_with_retries(self._location.url, "writing", lambda: fs.merge(target, paths))
+
+    def _abort(self) -> None:
+        fs = self._location.fs
+        parent = posixpath.dirname(f"{self._bucket}/{self._key}")
+        fs.invalidate_cache(parent)
+        found = fs.find(parent, prefix=posixpath.basename(self._prefix), maxdepth=1)
+        if found:
+            fs.rm(found)
+        fs.invalidate_cache(parent)
 
 
 async def _client_call(fs: Any, method: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -233,24 +359,32 @@ async def _client_call(fs: Any, method: str, params: dict[str, Any]) -> dict[str
 
 @dataclass(frozen=True)
 class IncompleteUpload:
-    """An S3 multipart upload that was neither completed nor aborted."""
+    """An upload neither completed nor aborted: S3 multipart, or GCS components.
+
+    ``url`` is the object it was writing; ``upload_id`` the S3 upload id, or on GCS the token
+    its components are named with; ``parts`` the GCS components' paths (empty on S3).
+    """
 
     url: str
     upload_id: str
     initiated: datetime.datetime | None
+    parts: tuple[str, ...] = ()
 
 
 def incomplete_uploads(location: Location, older_than_s: float = 0.0) -> list[IncompleteUpload]:
-    """List the S3 multipart uploads in progress under ``location`` started ``older_than_s`` ago.
+    """List the uploads in progress under ``location`` started ``older_than_s`` ago.
 
-    The path is a plain key prefix (``s3://bucket/run`` also matches ``run2/...``; end it with
-    ``/`` for one folder). A save that is still running has an incomplete upload too: the age
-    spares it. Other filesystems have nothing to list: GCS resumable uploads are not listable
-    and expire after a week; local and ``memory://`` saves leave temp files (``gc`` command).
+    S3: multipart uploads. GCS: the components of a ``GCSComposeWriter`` save (one entry per
+    save, dated by its oldest component). The path is a plain key prefix of the *target*
+    (``s3://bucket/run`` also matches ``run2/...``; end it with ``/`` for one folder). A save that
+    is still running has an incomplete upload too: the age spares it. Other filesystems have
+    nothing to list: local and ``memory://`` saves leave temp files (``gc`` command).
 
     Raises:
         CheckpointReadError: the listing failed (after retries), or was refused.
     """
+    if location.protocol in ("gs", "gcs"):
+        return _gcs_components(location, older_than_s)
     if location.protocol not in ("s3", "s3a"):
         return []
     bucket, _, prefix = location.path.partition("/")
@@ -293,6 +427,15 @@ def abort_incomplete_uploads(
     """
     aborted = []
     for upload in incomplete_uploads(location, older_than_s):
+        if upload.parts:  # GCS components: delete them
+
+            def remove(parts: tuple[str, ...] = upload.parts) -> None:
+                location.fs.rm(list(parts))
+
+            with contextlib.suppress(FileNotFoundError):
+                call_with_retries(upload.url, "writing", remove)
+                aborted.append(upload)
+            continue
         bucket, _, key = upload.url.split("://", 1)[1].partition("/")
 
         def abort(bucket: str = bucket, key: str = key, upload_id: str = upload.upload_id) -> Any:
@@ -304,3 +447,39 @@ def abort_incomplete_uploads(
             call_with_retries(upload.url, "writing", abort)
             aborted.append(upload)
     return aborted
+
+
+def _gcs_components(location: Location, older_than_s: float) -> list[IncompleteUpload]:
+    """The component sets ``GCSComposeWriter`` saves left under ``location``'s prefix."""
+    fs = location.fs
+    bucket, _, prefix = location.path.partition("/")
+    parent = posixpath.dirname(prefix)
+    root = posixpath.join(bucket, parent) if parent else bucket
+    fs.invalidate_cache(root)
+    found = call_with_retries(location.url, "listing uploads", lambda: fs.find(root, detail=True))
+    sets: dict[tuple[str, str], list[tuple[str, datetime.datetime | None]]] = {}
+    for path, info in found.items():
+        directory, name = posixpath.split(path.split("/", 1)[1] if "/" in path else "")
+        match = _COMPONENT.match(name)
+        target = posixpath.join(directory, match["name"]) if match else ""
+        if match and target.startswith(prefix):
+            sets.setdefault((target, match["token"]), []).append((path, _created(info)))
+    now = datetime.datetime.now(datetime.timezone.utc)
+    uploads = []
+    for (target, token), parts in sorted(sets.items()):
+        dates = [date for _, date in parts if date is not None]
+        started = min(dates) if dates else None
+        if started is not None and (now - started).total_seconds() < older_than_s:
+            continue
+        url = f"{location.protocol}://{bucket}/{target}"
+        uploads.append(IncompleteUpload(url, token, started, tuple(sorted(p for p, _ in parts))))
+    return uploads
+
+
+def _created(info: dict[str, Any]) -> datetime.datetime | None:
+    value = info.get("timeCreated")
+    if not isinstance(value, str):
+        return None
+    with contextlib.suppress(ValueError):
+        return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return None
