@@ -11,9 +11,9 @@ as it arrives, so a load makes a few long-lived requests instead of one per ``ch
 moto, far less work). A stream cut short (reset, stall, truncated body) reopens at the first byte
 it has not delivered, within the retry policy. Other filesystems (gcsfs, ...) stream as
 successive ``cat_file`` ranges of the piece size. Small reads (the zip directory, local headers,
-the pickle) come from 64 KiB read-ahead blocks; the file's last ``_TAIL_BYTES`` (the zip
-directory) are fetched once. ``SourceFile`` wraps a ``Source`` as a seekable file object for
-``zipfile`` and ``torch.load``.
+the pickle) come from 64 KiB read-ahead blocks; the file's tail (the zip directory: 1/64 of the
+file, 64 KiB to 1 MiB) is fetched once. ``SourceFile`` wraps a ``Source`` as a seekable file
+object for ``zipfile`` and ``torch.load``.
 """
 
 from __future__ import annotations
@@ -135,14 +135,14 @@ class _PositionalStream:
 _SMALL_READ_BYTES = 4096
 _READ_AHEAD_BYTES = 64 * 1024
 _CACHED_BLOCKS = 64  # 4 MiB: every local header of a checkpoint of a few hundred records
-_TAIL_BYTES = 1 << 20  # the zip directory (and the records just before it), fetched once
+_TAIL_BYTES = (64 * 1024, 1 << 20)  # the zip directory: 1/64 of the file, within these bounds
 
 
 class _FsspecSource:
     """Ranged reads through ``fs.cat_file``: no shared file position, so threads may share it.
 
     Small reads (the zip index: one header per record) are served from 64 KiB read-ahead
-    blocks (the first one and the file's last ``_TAIL_BYTES`` are kept for the source's life,
+    blocks (the first one and the file's tail, ``_TAIL_BYTES``, are kept for the source's life,
     the others least recently used first). Each range is retried on its own
     (``call_with_retries``); ``readinto_at`` fetches a large buffer as ``chunk_bytes`` ranges
     on a pool of ``io_threads``, straight into its slices, so at most ``io_threads *
@@ -162,7 +162,8 @@ class _FsspecSource:
         self._lock = threading.Lock()
         self._blocks: dict[int, bytes] = {}
         self._tail: bytes | None = None
-        self._tail_start = max(0, self.size - _TAIL_BYTES)
+        tail = min(max(self.size // 64, _TAIL_BYTES[0]), _TAIL_BYTES[1])
+        self._tail_start = max(0, self.size - tail)
         self._bar = contextlib.ExitStack()  # closed with the source
         self.advance = self._bar.enter_context(transfer_bar(f"loading {url}"))
 
@@ -187,7 +188,7 @@ class _FsspecSource:
         return data
 
     def _tail_block(self) -> bytes:
-        """The file's last ``_TAIL_BYTES``: the zip directory is read in several small reads."""
+        """The file's tail: the zip directory is read in several small reads."""
         if self._tail is None:
             tail = self._get(self._tail_start, self.size)
             with self._lock:

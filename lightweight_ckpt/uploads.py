@@ -161,13 +161,14 @@ class _PartWriter:
         self._spare.clear()
 
     def _send_part(self) -> None:
-        for future in self._parts:  # a failed part fails the save now, not at commit
-            if future.done() and future.exception() is not None:
-                future.result()
         if not self._started:
             self._start()
             self._started = True
         self._slots.acquire()  # at most parts_in_flight uploads (and their buffers) at once
+        for future in self._parts:  # a failed part fails the save now, not at commit
+            if future.done() and future.exception() is not None:
+                self._slots.release()
+                future.result()
         number = len(self._parts) + 1
         buffer, size = self._buffer, self._filled
         self._parts.append(self._pool.submit(self._upload_part, number, buffer, size))
