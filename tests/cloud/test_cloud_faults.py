@@ -28,9 +28,8 @@ from typing import Any
 
 import pytest
 import torch
-from fsspec.spec import AbstractBufferedFile
 
-from lightweight_ckpt import CheckpointWriteError, Fabric, uploads
+from lightweight_ckpt import CheckpointWriteError, Fabric, storage, uploads
 from lightweight_ckpt.config import override
 from lightweight_ckpt.storage import abort_incomplete_uploads, resolve
 from tests.helpers.asserts import assert_states_equal, snapshot
@@ -81,9 +80,9 @@ def _assert_previous_intact(store: Store, url: str, previous: dict[str, Any]) ->
 
 
 def _server_parts(store: Store, key: str) -> int:
-    """Parts the server holds for the in-progress upload to ``key`` (S3), or -1 (GCS)."""
+    """Parts the server holds for the in-progress upload to ``key`` (S3), or components (GCS)."""
     if store.protocol != "s3":
-        return -1
+        return len(store.incomplete_uploads())
     uploads = [u for u in store.incomplete_uploads() if u["Key"] == key]
     assert len(uploads) == 1, uploads
     parts = store.fs.call_s3(
@@ -102,10 +101,10 @@ def _fail_mid_upload(
     """Make the upload raise ``error`` once PARTS_BEFORE_FAILURE parts are on the server.
 
     A connection reset comes from the transport: on S3 from the request that uploads the next
-    part (on a part-upload thread), on GCS from the remote file's ``write`` (gcsfs uploads each
-    chunk inside it). A KeyboardInterrupt is a Ctrl-C arriving while the save runs, so in the
-    thread that writes the checkpoint: it must come out as itself, not as some other error that
-    a training loop might catch and carry on after.
+    part, on GCS from the upload of the next component (both on a part-upload thread). A
+    KeyboardInterrupt is a Ctrl-C arriving while the save runs, so in the thread that writes the
+    checkpoint: it must come out as itself, not as some other error that a training loop might
+    catch and carry on after.
     """
     threshold = PARTS_BEFORE_FAILURE * BLOCK_BYTES[store.protocol]
     seen: dict[str, int] = {}
@@ -146,15 +145,35 @@ def _fail_mid_upload(
         monkeypatch.setattr(uploads.S3PartWriter, "write", write)
         return seen
 
-    original = AbstractBufferedFile.write
+    if not isinstance(error, KeyboardInterrupt):  # GCS: the next component upload fails
+        original_upload = uploads.GCSComposeWriter._put_part
 
-    def remote_write(self: AbstractBufferedFile, data: Any) -> int:
-        if self.mode == "wb" and (self.offset or 0) >= threshold:
-            record(int(self.offset))
-            raise error
-        return int(original(self, data))
+        def put_part(self: uploads.GCSComposeWriter, number: int, data: memoryview) -> str:
+            if number > PARTS_BEFORE_FAILURE:
+                for _ in range(200):  # the earlier parts may still be in flight
+                    if _server_parts(store, key) >= PARTS_BEFORE_FAILURE:
+                        break
+                    time.sleep(0.05)
+                seen.update(
+                    sent_bytes=(number - 1) * BLOCK_BYTES["gs"],
+                    server_parts=_server_parts(store, key),
+                )
+                raise error
+            return original_upload(self, number, data)
 
-    monkeypatch.setattr(AbstractBufferedFile, "write", remote_write)
+        monkeypatch.setattr(uploads.GCSComposeWriter, "_put_part", put_part)
+        return seen
+
+    original_write = uploads.GCSComposeWriter.write
+
+    def gcs_write(self: uploads.GCSComposeWriter, data: Any) -> int:
+        if self.tell() >= threshold:
+            record(self.tell())
+            if seen["server_parts"] >= PARTS_BEFORE_FAILURE:
+                raise error
+        return original_write(self, data)
+
+    monkeypatch.setattr(uploads.GCSComposeWriter, "write", gcs_write)
     return seen
 
 
@@ -172,7 +191,8 @@ def test_failure_mid_upload_publishes_nothing(
     error = KeyboardInterrupt() if interrupt else reset
     seen = _fail_mid_upload(monkeypatch, store, "last.ckpt", error)
     expected: type[BaseException] = KeyboardInterrupt if interrupt else CheckpointWriteError
-    with override(chunk_bytes=MIB, part_bytes=BLOCK_BYTES["s3"]), pytest.raises(expected) as info:
+    part_bytes = BLOCK_BYTES[store.protocol]
+    with override(chunk_bytes=MIB, part_bytes=part_bytes), pytest.raises(expected) as info:
         Fabric().save(url, big_state(), storage_options=store.storage_options)
     monkeypatch.undo()
     if not interrupt:  # a CheckpointWriteError naming the path and the cause
@@ -180,8 +200,7 @@ def test_failure_mid_upload_publishes_nothing(
         assert "connection reset by peer" in str(info.value)
     # the failure really came mid-upload: the server had acknowledged parts of the new object
     assert seen["sent_bytes"] >= PARTS_BEFORE_FAILURE * BLOCK_BYTES[store.protocol]
-    if store.protocol == "s3":
-        assert seen["server_parts"] >= PARTS_BEFORE_FAILURE
+    assert seen["server_parts"] >= PARTS_BEFORE_FAILURE
 
     # nothing partial is visible, no temp key, no upload left in progress
     assert store.objects() == (["last.ckpt"] if previous else [])
@@ -221,33 +240,22 @@ SAVER = textwrap.dedent(
     import time
 
     import torch
-    from fsspec.spec import AbstractBufferedFile
-
     from lightweight_ckpt import Fabric
     from lightweight_ckpt.config import override
-    from lightweight_ckpt.uploads import S3PartWriter
+    from lightweight_ckpt.uploads import GCSComposeWriter, S3PartWriter
 
     url, options = sys.argv[1], json.loads(sys.argv[2])
     n_tensors, numel = int(sys.argv[3]), int(sys.argv[4])
-    original_flush = AbstractBufferedFile.flush
-
-    def flush(self, force=False):
-        sent = self.offset or 0
-        original_flush(self, force)
-        if (self.offset or 0) > sent:  # a part reached the server: say so, then go slowly
-            print(f"sent {self.offset}", flush=True)
-            time.sleep(0.5)
-
-    original_part = S3PartWriter._upload_part
+    original_part = S3PartWriter._upload_part  # the same for both writers
 
     def upload_part(self, number, buffer, size):
         part = original_part(self, number, buffer, size)
-        print(f"sent part {number}", flush=True)
+        print(f"sent part {number}", flush=True)  # on the server: say so, then go slowly
         time.sleep(0.5)
         return part
 
-    AbstractBufferedFile.flush = flush  # GCS: gcsfs sends a chunk from flush
-    S3PartWriter._upload_part = upload_part  # S3: our part uploads
+    S3PartWriter._upload_part = upload_part  # S3: multipart parts
+    GCSComposeWriter._upload_part = upload_part  # GCS: component objects
     state = {
         "tensors": {f"t{i}": torch.full((numel,), i, dtype=torch.int32) for i in range(n_tensors)}
     }
@@ -306,16 +314,23 @@ def test_sigkilled_saver_leaves_the_previous_checkpoint(store: Store) -> None:
                 stream.close()
     assert proc.returncode == -signal.SIGKILL
 
-    # the kill came mid-upload (S3 lists the upload it left behind; nothing can abort it)
+    # the kill came mid-upload: S3 lists the upload it left behind, GCS its hidden components
+    left = store.incomplete_uploads()
     if store.protocol == "s3":
-        assert [u["Key"] for u in store.incomplete_uploads()] == ["last.ckpt"]
-    # no partial object, no temp key: only the previous checkpoint, whole
-    assert store.objects() == ["last.ckpt"]
+        assert [u["Key"] for u in left] == ["last.ckpt"]
+    else:
+        assert left
+        assert all(u["Key"].startswith(".last.ckpt.part-") for u in left)
+    # no partial object: only the previous checkpoint, whole
+    assert store.visible_objects() == ["last.ckpt"]
     _assert_previous_intact(store, url, before)
     # the orphan upload can be aborted afterwards (storage.abort_incomplete_uploads)
-    aborted = abort_incomplete_uploads(resolve(url, store.storage_options), older_than_s=0)
-    assert [u.url for u in aborted] == ([url] if store.protocol == "s3" else [])
+    location = resolve(url, store.storage_options)
+    assert [u.url for u in storage.incomplete_uploads(location, older_than_s=0)] == [url]
+    aborted = abort_incomplete_uploads(location, older_than_s=0)
+    assert [u.url for u in aborted] == [url]
     assert store.incomplete_uploads() == []
+    assert store.objects() == ["last.ckpt"]
     # and a new save over it works
     fresh = big_state(seed=3)
     Fabric().save(url, fresh, storage_options=store.storage_options)

@@ -1,4 +1,4 @@
-"""S3 multipart saves: streamed in bounded parts; incomplete uploads listed by prefix, aborted.
+"""S3 multipart and GCS composite saves: bounded parts; incomplete uploads listed, aborted.
 
 A save's parts are counted where they leave the client (``uploads._client_call``, the one call
 that sends a part), against the moto server. Incomplete uploads are started with real s3fs
@@ -19,12 +19,17 @@ import torch
 
 from lightweight_ckpt import Fabric, cli, uploads
 from lightweight_ckpt.config import override
-from lightweight_ckpt.storage import abort_incomplete_uploads, incomplete_uploads, resolve
+from lightweight_ckpt.storage import (
+    abort_incomplete_uploads,
+    incomplete_uploads,
+    resolve,
+    write_with_retries,
+)
 from tests.helpers.asserts import assert_states_differ, assert_states_equal
 from tests.helpers.models import fresh_like, make_state
-from tests.helpers.servers import Store, open_store
+from tests.helpers.servers import GCSFS_LARGE_BODY_WARNING, Store, open_store
 
-pytestmark = pytest.mark.cloud
+pytestmark = [pytest.mark.cloud, GCSFS_LARGE_BODY_WARNING]
 
 
 @pytest.fixture
@@ -177,7 +182,45 @@ def test_cli_lists_then_aborts(s3_store: Store, capsys: pytest.CaptureFixture[st
     assert _keys(s3_store) == []
 
 
-def test_nothing_to_list_on_gcs(request: pytest.FixtureRequest) -> None:
-    for store in open_store(request, "gs"):
-        location = resolve(store.url("run/"), store.storage_options)
-        assert incomplete_uploads(location, older_than_s=0) == []
+@pytest.fixture
+def gs_store(request: pytest.FixtureRequest) -> Iterator[Store]:
+    yield from open_store(request, "gs")
+
+
+@pytest.mark.parametrize("protocol", ["s3", "gs"])
+@pytest.mark.parametrize("nbytes", [3 * MIB + 1, 40 * 5 * MIB + 7], ids=["3-parts", "41-parts"])
+def test_round_trip_across_part_boundaries(
+    request: pytest.FixtureRequest, protocol: str, nbytes: int
+) -> None:
+    """Byte-exact objects across part boundaries, beyond 32 parts (GCS composes in a tree)."""
+    part = 5 * MIB if protocol == "s3" else MIB
+    nbytes = nbytes if protocol == "s3" else nbytes // 5
+    data = bytes(torch.randint(0, 256, (nbytes,), dtype=torch.uint8).numpy())
+    for store in open_store(request, protocol):
+        location = resolve(store.url("run/blob"), store.storage_options)
+        with override(part_bytes=part, parts_in_flight=3):
+            assert write_with_retries(location, lambda sink: sink.write(data)) == nbytes
+        assert store.objects() == ["run/blob"]  # no components left over
+        assert store.fs.cat_file(store.path("run/blob")) == data
+
+
+def test_gcs_components_of_a_killed_save_are_listed_and_removed(gs_store: Store) -> None:
+    """A save's components (as a SIGKILL leaves them) are listed under the target's prefix."""
+    for key in ("run/a.ckpt", "other/b.ckpt"):
+        writer = uploads.GCSComposeWriter(
+            resolve(gs_store.url(key), gs_store.storage_options), MIB, 2
+        )
+        writer.write(b"x" * (3 * MIB + 5))
+        writer._pool.shutdown(wait=True)  # the parts are stored; nothing composes or deletes them
+    assert gs_store.visible_objects() == []  # components are hidden and nothing is published
+    location = resolve(gs_store.url("run/"), gs_store.storage_options)
+
+    listed = incomplete_uploads(location, older_than_s=0)
+    assert [u.url for u in listed] == [gs_store.url("run/a.ckpt")]
+    assert len(listed[0].parts) == 3
+    assert listed[0].initiated is not None
+    assert abort_incomplete_uploads(location, older_than_s=3600) == []  # too young
+
+    aborted = abort_incomplete_uploads(location, older_than_s=0)
+    assert [u.url for u in aborted] == [gs_store.url("run/a.ckpt")]
+    assert [u["Key"].split("/")[0] for u in gs_store.incomplete_uploads()] == ["other"] * 3

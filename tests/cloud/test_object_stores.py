@@ -135,10 +135,10 @@ def test_missing_object_raises_not_found_naming_the_url(store: Store) -> None:
 def test_saves_release_their_upload_files(store: Store) -> None:
     """A save keeps no reference to its upload once it returned, committed or discarded.
 
-    fsspec's ``open(..., autocommit=False)`` outside a transaction appends the file to the
-    (cached, process-wide) filesystem's ``transaction.files``; nothing takes it out again.
+    (fsspec's ``open(..., autocommit=False)``, which saves used before our own writers, kept
+    every file in the process-wide filesystem's ``transaction.files``.)
     """
-    file_class = "S3PartWriter" if store.protocol == "s3" else "GCSFile"
+    file_class = "S3PartWriter" if store.protocol == "s3" else "GCSComposeWriter"
 
     def live_uploads() -> int:
         gc.collect()

@@ -300,10 +300,18 @@ class Store:
         return sorted(key.removeprefix(prefix) for key in self.fs.find(self.bucket))
 
     def incomplete_uploads(self) -> list[dict[str, Any]]:
-        """S3 multipart uploads neither completed nor aborted ([] on GCS: none are listable)."""
+        """S3 multipart uploads neither completed nor aborted; on GCS, component objects.
+
+        A GCS save uploads its parts as hidden ``.<name>.part-<token>-<n>`` objects next to the
+        target (``uploads.GCSComposeWriter``); each is listed as ``{"Key": its key}``.
+        """
         if self.protocol != "s3":
-            return []
+            return [{"Key": key} for key in self.objects() if ".part-" in key.rsplit("/", 1)[-1]]
         return incomplete_uploads(self.fs, self.bucket)
+
+    def visible_objects(self) -> list[str]:
+        """``objects()`` without the hidden components of GCS saves in progress."""
+        return [key for key in self.objects() if ".part-" not in key.rsplit("/", 1)[-1]]
 
 
 def storage_options_for(
