@@ -7,16 +7,17 @@ builds the same deterministic state (Linear layers + AdamW moments), measures on
 
 Loads restore in place into a live model and optimizer:
 
-- ``ours``: ``Fabric().load(url, state)``: CRC-verified ranged reads, bound tensors read
-  straight into their memory (two passes over the bound records; see formats/torch_file.py);
-- ``ours-64MiB``: the same with ``LWCKPT_CHUNK_BYTES`` = 64 MiB (fewer, larger ranges: a 4x
-  larger window, for servers where each request is costly);
+- ``ours``: ``Fabric().load(url, state)``: CRC-verified reads as ``io_threads`` streams (one
+  ranged GET each on S3, read in ``chunk_bytes`` pieces), bound tensors spooled, then copied
+  into their memory (see formats/torch_file.py, formats/ranges.py);
+- ``ours-64MiB``: the same with ``LWCKPT_CHUNK_BYTES`` = 64 MiB (larger pieces per stream);
 - ``ours-old``: the path before ranged in-place loads: read the whole checkpoint into new
   tensors (verified), then copy them in (``TorchCheckpointIO.load_checkpoint`` +
   ``load_state_dict``);
 - ``cat+torch.load``: ``fs.cat_file`` the object, ``torch.load`` the bytes, ``load_state_dict``.
 
-Saves: ``ours`` (``Fabric().save``: streamed multipart, atomic), ``open+torch.save``
+Saves: ``ours`` (``Fabric().save``: streamed multipart on S3, parallel components composed on
+GCS; atomic), ``open+torch.save``
 (``torch.save`` into ``fs.open(url, "wb")``: streamed, not atomic), ``pipe+torch.save``
 (``torch.save`` into a BytesIO, then ``fs.pipe``).
 
