@@ -23,7 +23,7 @@ import json
 import os
 import posixpath
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from fsspec.implementations.local import LocalFileSystem
 
@@ -33,7 +33,7 @@ from lightweight_ckpt.formats.zip_records import Record, crc32, crc_of_map, crc_
 from lightweight_ckpt.storage import Location, open_source
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator, Mapping
+    from collections.abc import Callable, Iterable, Iterator, Mapping
 
     from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
     from torch.distributed.checkpoint.storage import WriteResult
@@ -89,24 +89,35 @@ class ChecksummedStream:
 
 
 class ChecksumRecorder:
-    """Wrap DCP's ``FileSystem``: every stream opened for writing records its chunks' CRCs."""
+    """Wrap DCP's ``FileSystem``: every stream opened for writing records its chunks' CRCs.
 
-    def __init__(self, fs: Any) -> None:
+    ``reuse(path)``: an existing file moved to ``path`` and opened for an in-place overwrite,
+    or None (then a fresh file is written); closing it cuts it where the writes stopped.
+    """
+
+    def __init__(self, fs: Any, reuse: Callable[[str], IO[bytes] | None] | None = None) -> None:
         self.inner = fs
+        self._reuse = reuse
         self._lock = threading.Lock()  # DCP may write pieces from several threads
         self.streams: dict[str, ChecksummedStream] = {}
+        self.reused: list[str] = []
 
     @contextlib.contextmanager
     def create_stream(self, path: Any, mode: str) -> Iterator[Any]:
         """Open ``path``; a stream for writing records its chunks' CRCs."""
+        reused = self._reuse(os.fspath(path)) if self._reuse and "w" in mode else None
+        if reused is not None:
+            with reused:  # closing it drops the old file's tail
+                yield self._recorded(path, reused)
+            return
         with self.inner.create_stream(path, mode) as stream:
-            if "w" not in mode:
-                yield stream
-                return
-            recorded = ChecksummedStream(stream)
-            with self._lock:
-                self.streams[os.fspath(path)] = recorded
-            yield recorded
+            yield self._recorded(path, stream) if "w" in mode else stream
+
+    def _recorded(self, path: Any, stream: Any) -> ChecksummedStream:
+        recorded = ChecksummedStream(stream)
+        with self._lock:
+            self.streams[os.fspath(path)] = recorded
+        return recorded
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

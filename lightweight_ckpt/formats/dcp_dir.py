@@ -112,7 +112,17 @@ class _VersionedWriter(FsspecWriter):
         self._remote = not location.is_local
         self._version = version
         self._storage_options = storage_options
-        self.fs: Any = dcp_checksums.ChecksumRecorder(self.fs)
+        spare = dcp_versions.spare_for(location, version)
+        reuse = None
+        if spare is not None:  # overwrite the pieces of the version two saves back, in place
+            folder = posixpath.join(location.path, spare)
+
+            def reuse(piece: str) -> IO[bytes] | None:
+                return dcp_versions.reuse_piece(
+                    posixpath.join(folder, posixpath.basename(piece)), piece
+                )
+
+        self.fs: Any = dcp_checksums.ChecksumRecorder(self.fs, reuse)
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         """Skip DCP's mkdir and ``.metadata`` probe: ``prepare`` made the version folder."""
@@ -178,6 +188,7 @@ def write(
             )
     except CheckpointException as err:
         raise _translate(location.url, err, writing=True) from err
+    dcp_versions.note_committed(location, version)  # DCP returns on every rank after the commit
 
 
 def _translate(url: str, err: CheckpointException, writing: bool) -> Exception:

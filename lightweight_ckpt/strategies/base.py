@@ -436,11 +436,11 @@ class Strategy:
         dcp_versions.wait_for_removals()
 
     def teardown(self) -> None:
-        """Release the IO plugin's resources (after this process's background removals)."""
+        """Release the IO plugin's resources; remove spare sharded versions, finish removals."""
         try:
             self.checkpoint_io.teardown()
         finally:
-            dcp_versions.wait_for_removals()
+            dcp_versions.at_exit()
 
 
 def _sharded_view(obj: object, state: State) -> Any:

@@ -44,7 +44,7 @@ def _entry(  # noqa: PLR0917 - a Process target takes positional arguments
         )
         try:
             body(rank, world_size, *args)
-            dcp_versions.wait_for_removals()  # as at a normal exit, which os._exit skips
+            dcp_versions.at_exit()  # as at a normal exit, which os._exit skips
         finally:
             dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - every failure goes to the parent, then we exit

@@ -58,7 +58,7 @@ def _async_round_trip(rank: int, world_size: int, kind: str, directory: str) -> 
     recording = _Recording()
     fabric = Fabric(checkpoint_io=AsyncCheckpointIO(recording))
     model, optimizer = build(kind)
-    for step in (1, 2):  # the second save replaces the first (and its version folder)
+    for step in (1, 2, 3):  # each replaces the last; the third overwrites the first's pieces
         perturb(model, optimizer)
         expected = reference(kind, model, optimizer)
         fabric.save(path, {"model": model, "optimizer": optimizer, "step": step})
@@ -67,10 +67,10 @@ def _async_round_trip(rank: int, world_size: int, kind: str, directory: str) -> 
     assert_states_differ(reference(kind, model, optimizer), expected)
     state = {"model": model, "optimizer": optimizer, "step": 0}
     fabric.load(path, state)
-    assert state["step"] == 2
+    assert state["step"] == 3
     assert_states_equal(reference(kind, model, optimizer), expected)
     # written by the worker thread, with collectives on a group of its own
-    assert [name.startswith("lwckpt-async") for name, _ in recording.writers] == [True, True]
+    assert [name.startswith("lwckpt-async") for name, _ in recording.writers] == [True] * 3
     groups = {id(group) for _, group in recording.writers}
     assert len(groups) == 1
     group = recording.writers[0][1]
@@ -79,8 +79,11 @@ def _async_round_trip(rank: int, world_size: int, kind: str, directory: str) -> 
     assert dist.get_world_size(group) == world_size
     fabric.barrier()
     if rank == 0:
-        assert len(versions(Path(path))) == 1
+        assert len(versions(Path(path))) == 2  # the committed one and the spare
     fabric.teardown()
+    dist.barrier()
+    if rank == 0:
+        assert len(versions(Path(path))) == 1  # the spare is gone
 
 
 @pytest.mark.distributed

@@ -83,30 +83,44 @@ def plain_copy(expected: dict[str, torch.Tensor], seed: int = 9) -> torch.nn.Mod
 # -- overwrite ------------------------------------------------------------------------------------
 
 
+def _inodes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_ino for p in folder.glob("*.distcp")}
+
+
 def _overwrite(rank: int, world_size: int, directory: str) -> None:
     path = os.path.join(directory, "sharded")
     model, optimizer = build("fsdp2")
     fabric = Fabric()
     fabric.save(path, {"model": model, "optimizer": optimizer, "step": 1})
     fabric.barrier()
-    first = versions(Path(path))
-    assert len(first) == 1
+    (first,) = versions(Path(path))
+    first_pieces = _inodes(Path(path) / first)
+    fabric.barrier()
+
+    fabric.save(path, {"model": model, "optimizer": optimizer, "step": 2})
+    fabric.wait()
+    fabric.barrier()
+    second = versions(Path(path))  # the replaced first version is kept as the spare
+    assert len(second) == 2
+    assert first in second
+    assert assert_commit_complete(Path(path)) != first
     fabric.barrier()
 
     perturb(model, optimizer)
     expected = reference("fsdp2", model, optimizer)
-    fabric.save(path, {"model": model, "optimizer": optimizer, "step": 2})
-    fabric.wait()  # rank 0 removes the old version in the background after the commit
+    fabric.save(path, {"model": model, "optimizer": optimizer, "step": 3})
+    fabric.wait()
     fabric.barrier()
-    second = versions(Path(path))
-    assert len(second) == 1
-    assert second != first
+    third = assert_commit_complete(Path(path))
+    assert first not in versions(Path(path))  # its pieces now belong to the third version
+    assert _inodes(Path(path) / third) == first_pieces  # overwritten in place, not allocated
+    assert len(versions(Path(path))) == 2  # the second version is the next spare
     if rank == 0:
         torch.save(expected["model"], os.path.join(directory, "expected.pt"))
     model, optimizer = build("fsdp2", seed=5, steps=1)
     state = {"model": model, "optimizer": optimizer, "step": 0}
     fabric.load(path, state)
-    assert state["step"] == 2
+    assert state["step"] == 3
     assert_states_equal(reference("fsdp2", model, optimizer), expected)
     fabric.barrier()
 
@@ -135,7 +149,7 @@ def test_overwrite_in_one_process_warns_nothing(tmp_path: Path) -> None:
     path = tmp_path / "sharded"
     _save_sharded(path)
     expected = _save_sharded(path, seed=3)  # filterwarnings=error: any warning fails this
-    Fabric().wait()  # the replaced version is removed in the background
+    Fabric().teardown()  # the replaced version, kept as a spare until now, is removed
     folder = assert_commit_complete(path)
     assert versions(path) == [folder]
     model = plain_copy(expected)

@@ -1,10 +1,14 @@
-"""Replaced version folders are removed off the save's critical path, safely.
+"""Replaced version folders are removed off the save's critical path, or reused, safely.
 
 After a sharded save commits, rank 0 removes the version folders it replaced on a background
 thread (local disk). The save returns without waiting; the next operation on the same path
 waits for the removal; a process killed mid-removal leaves only orphans that ``gc`` finds.
 The removal is held by a gate on its unlink step (the one seam used here); files, saves, loads
 and the SIGKILL are real.
+
+Spares: the version a commit replaced is kept, and the save after next overwrites its pieces in
+place; never while a reader holds one, never a committed version, one version at rest after
+teardown.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from typing import Any
 import pytest
 import torch
 
-from lightweight_ckpt import Fabric
-from lightweight_ckpt.formats import dcp_versions
+from lightweight_ckpt import CheckpointError, CheckpointReadError, Fabric
+from lightweight_ckpt.formats import dcp_checksums, dcp_versions
 from lightweight_ckpt.manager.orphans import find_orphans, remove_orphans
 from lightweight_ckpt.strategies import FSDPStrategy
 from tests.helpers.asserts import assert_states_equal
@@ -50,7 +54,11 @@ class _Gate:
 
 
 def _held_overwrite(path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[_Gate, str, Any]:
-    """Save twice; the second save's removal of the first version is held at the gate."""
+    """Save twice; the second save's removal of the first version is held at the gate.
+
+    Spares are off: the first version is removed instead of kept for the next save to reuse.
+    """
+    monkeypatch.setattr(dcp_versions, "REUSE_SPARES", False)
     _save_sharded(path)
     (first,) = versions(path)
     gate = _Gate()
@@ -131,11 +139,12 @@ _KILLED_MID_REMOVAL = textwrap.dedent(
     """
     import os, signal, sys
     import torch
-    from lightweight_ckpt import Fabric
-    from lightweight_ckpt.formats import dcp_versions
+    from lightweight_ckpt import CheckpointError, CheckpointReadError, Fabric
+    from lightweight_ckpt.formats import dcp_checksums, dcp_versions
     from lightweight_ckpt.strategies import FSDPStrategy
 
     path = sys.argv[1]
+    dcp_versions.REUSE_SPARES = False  # the replaced version is removed, not kept as a spare
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 8)
     fabric = Fabric(strategy=FSDPStrategy())
@@ -189,3 +198,120 @@ def test_a_process_killed_mid_removal_leaves_only_orphans_gc_finds(tmp_path: Pat
     assert [(o.kind, os.path.basename(o.path)) for o in orphans] == [("stale version", stale)]
     remove_orphans(orphans)
     assert versions(path) == [folder]
+
+
+# -- spares: the version two saves back is overwritten in place ------------------------------------
+
+
+def _pieces(folder: Path) -> dict[str, int]:
+    return {piece.name: piece.stat().st_ino for piece in folder.glob("*.distcp")}
+
+
+def _save_linear(fabric: Fabric, path: Path, seed: int, features: int = 8) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(features, features)
+    fabric.save(path, {"model": model, "step": seed})
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def _load_linear(path: Path, features: int = 8) -> tuple[dict[str, Any], int]:
+    torch.manual_seed(1234)
+    model = torch.nn.Linear(features, features)
+    state: dict[str, Any] = {"model": model, "step": -1}
+    Fabric().load(path, state)
+    return model.state_dict(), state["step"]
+
+
+def test_the_third_save_overwrites_the_first_versions_pieces_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "sharded"
+    fabric = Fabric(strategy=FSDPStrategy())
+    _save_linear(fabric, path, seed=1, features=64)
+    (first,) = versions(path)
+    first_pieces = _pieces(path / first)
+    _save_linear(fabric, path, seed=2, features=64)
+    second = assert_commit_complete(path)
+    assert versions(path) == sorted([first, second])  # the replaced first version is the spare
+
+    expected = _save_linear(fabric, path, seed=3, features=8)  # a much smaller piece
+    third = assert_commit_complete(path)
+    assert _pieces(path / third) == first_pieces  # the same files, written over
+    fabric.wait()  # the first version's leftovers (its records) go in the background
+    assert versions(path) == sorted([second, third])  # the first's leftovers are gone
+    loaded, step = _load_linear(path)  # the piece was cut to its new size: checksums pass
+    assert_states_equal(loaded, expected)
+    assert step == 3
+
+    fabric.teardown()  # the spare goes: one version at rest
+    assert versions(path) == [third]
+    assert_states_equal(_load_linear(path)[0], expected)
+
+
+def test_a_piece_being_read_is_not_reused(tmp_path: Path) -> None:
+    path = tmp_path / "sharded"
+    fabric = Fabric(strategy=FSDPStrategy())
+    first_state = _save_linear(fabric, path, seed=1)
+    (first,) = versions(path)
+    (piece,) = (path / first).glob("*.distcp")
+    # a reader of the first version (another process, say) still holds its piece
+    reader = dcp_versions.pin_piece(str(piece), str(path))
+    try:
+        content = piece.read_bytes()
+        _save_linear(fabric, path, seed=2)
+        expected = _save_linear(fabric, path, seed=3)
+        third = assert_commit_complete(path)
+        # not taken: the save wrote a fresh file (the old one is unlinked with its folder)
+        assert (path / third / piece.name).stat().st_ino != os.fstat(reader).st_ino
+        assert os.pread(reader, len(content) + 1, 0) == content  # the reader's bytes unchanged
+    finally:
+        os.close(reader)
+    assert_states_equal(_load_linear(path)[0], expected)
+    assert not states_equal_dicts(expected, first_state)
+    fabric.teardown()
+
+
+def states_equal_dicts(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_a_reader_whose_piece_was_reused_raises_instead_of_reading_it(tmp_path: Path) -> None:
+    path = tmp_path / "sharded"
+    fabric = Fabric(strategy=FSDPStrategy())
+    _save_linear(fabric, path, seed=1)
+    (first,) = versions(path)
+    (piece,) = (path / first).glob("*.distcp")
+    descriptor = os.open(piece, os.O_RDONLY)  # opened before the reuse, pinned after it
+    try:
+        _save_linear(fabric, path, seed=2)
+        _save_linear(fabric, path, seed=3)  # reuses (moves) the first version's piece
+        with pytest.raises(CheckpointReadError, match="reused by a newer save"):
+            dcp_versions.pin_piece(str(piece), str(path))
+        assert os.fstat(descriptor).st_nlink == 1  # the file lives on, as the third's piece
+    finally:
+        os.close(descriptor)
+    fabric.teardown()
+
+
+def test_a_failed_save_leaves_the_spare_usable_and_the_checkpoint_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "sharded"
+    fabric = Fabric(strategy=FSDPStrategy())
+    _save_linear(fabric, path, seed=1)
+    expected = _save_linear(fabric, path, seed=2)
+    committed = assert_commit_complete(path)
+
+    def refuse(*_: Any, **__: Any) -> None:
+        raise OSError("disk full (injected)")
+
+    # the pieces are written (the spare's moved into the new folder), then the records fail
+    monkeypatch.setattr(dcp_checksums, "write_records", refuse)
+    with pytest.raises(CheckpointError):
+        _save_linear(fabric, path, seed=3)
+    monkeypatch.undo()
+    assert assert_commit_complete(path) == committed
+    assert_states_equal(_load_linear(path)[0], expected)
+
+    expected = _save_linear(fabric, path, seed=4)  # the spare's piece is gone: a fresh file
+    assert_states_equal(_load_linear(path)[0], expected)
+    fabric.teardown()
+    assert versions(path) == [assert_commit_complete(path)]
