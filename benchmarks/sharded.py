@@ -425,16 +425,18 @@ def _timed_save(
 ) -> dict[str, Any]:
     """Save on every rank, then fsync the whole directory on rank 0; all of it is timed.
 
-    With ``overwrite``, an untimed save of the same state to ``path`` comes first, so the timed
-    save replaces a checkpoint, as every save of a training run after its first does.
+    With ``overwrite``, two untimed saves of the same state to ``path`` come first, so the timed
+    save replaces a checkpoint that itself replaced one: a training run's steady state, from its
+    third save on (``lightweight_ckpt`` then overwrites the pieces of the version two saves
+    back; DCP rewrites its files in place from the second save on).
     """
     import torch.distributed as dist
 
-    if overwrite:
+    for _ in range(2 if overwrite else 0):
         contender.save(path, model, opt)
         dist.barrier()
         if dist.get_rank() == 0:
-            harness.fsync_path(path)
+            _fsync_present(path)
         contender.settle()
         dist.barrier()
 
@@ -768,7 +770,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="time saves that replace a checkpoint (an untimed save to the same path first)",
+        help="time saves that replace a checkpoint (two untimed saves to the same path first)",
     )
     p.add_argument("--json", type=Path, default=None, help="also write raw results here")
     internal = p.add_argument_group("internal")
