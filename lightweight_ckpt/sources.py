@@ -317,10 +317,13 @@ class _S3Stream:
                 body.close()
 
 
+_BODY_READ_BYTES = 1 << 20  # aiohttp joins what it buffered into one bytes object of this size
+
+
 async def _read_body(body: Any, buffer: memoryview, done: list[int]) -> None:
     """Fill ``buffer`` from an aiobotocore body, counting delivered bytes in ``done[0]``."""
     while done[0] < len(buffer):
-        chunk = await body.read(len(buffer) - done[0])
+        chunk = await body.read(min(len(buffer) - done[0], _BODY_READ_BYTES))
         if not chunk:
             raise ConnectionResetError("the response body ended before the requested range")
         buffer[done[0] : done[0] + len(chunk)] = chunk
