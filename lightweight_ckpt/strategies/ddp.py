@@ -56,34 +56,49 @@ class DDPStrategy(Strategy):
         Files over ``READ_ONCE_MAX_BYTES`` are read by every rank instead (their memory stays
         bounded; the copy each rank would hold is the whole checkpoint).
         """
-        location = self.checkpoint_io.locate(path, storage_options)
-        if self.world_size == 1 or location.is_local:
+        return read_once(self, path, weights_only, storage_options, READ_ONCE_MAX_BYTES)
+
+
+def read_once(
+    strategy: Strategy,
+    path: StrPath,
+    weights_only: bool | None,
+    storage_options: StorageOptions | None,
+    max_bytes: int,
+) -> CheckpointReader | None:
+    """Read a remote file once on rank 0 and broadcast it; None where every rank reads it.
+
+    None on local disk (every rank maps the file: faster), in a world of one, and for files
+    over ``max_bytes`` (each rank would hold a whole copy). Runs on every rank.
+    """
+    io = strategy.checkpoint_io
+    location = io.locate(path, storage_options)
+    if strategy.world_size == 1 or location.is_local:
+        return None
+
+    def download() -> Any:
+        if not strategy.is_global_zero:
             return None
+        size = call_with_retries(location.url, "reading", lambda: location.fs.size(location.path))
+        if size is not None and int(size) > max_bytes:
+            return (False, None)  # too large to hold a copy on every rank
+        with io.open_checkpoint(
+            path,
+            map_location=strategy.map_location,
+            weights_only=weights_only,
+            storage_options=storage_options,
+        ) as reader:
+            checkpoint = reader.skeleton()
+            reader.verify({})
+            reader.fill()
+        return (True, checkpoint)
 
-        def download() -> Any:
-            if not self.is_global_zero:
-                return None
-            size = call_with_retries(
-                location.url, "reading", lambda: location.fs.size(location.path)
-            )
-            if size is not None and int(size) > READ_ONCE_MAX_BYTES:
-                return (False, None)  # too large to hold a copy on every rank
-            with self.checkpoint_io.open_checkpoint(
-                path,
-                map_location=self.map_location,
-                weights_only=weights_only,
-                storage_options=storage_options,
-            ) as reader:
-                checkpoint = reader.skeleton()
-                reader.verify({})
-                reader.fill()
-            return (True, checkpoint)
-
-        shared, checkpoint = collectives.broadcast_tree(
-            self.run_on_all_ranks("read once", download)
-        )
-        return LoadedReader(checkpoint) if shared else None
+    shared, checkpoint = collectives.broadcast_tree(
+        strategy.run_on_all_ranks("read once", download)
+    )
+    return LoadedReader(checkpoint) if shared else None
 
 
 READ_ONCE_MAX_BYTES = 8 << 30
-"""Remote DDP files up to this size are read once and broadcast; larger ones by every rank."""
+"""Remote files (DDP, and full files under FSDP) up to this size are read once and broadcast;
+larger ones by every rank."""

@@ -13,7 +13,8 @@ State dicts come from ``torch.distributed.checkpoint.state_dict`` (``get_model_s
   ``torch.load``-compatible file, like ``DDPStrategy``.
 
 Loading a single file (full, DDP or a plain ``torch.save`` state dict) into sharded modules
-scatters the full tensors through ``set_model_state_dict``.
+scatters the full tensors through ``set_model_state_dict``; a remote one is downloaded once, on
+rank 0, and broadcast (``ddp.read_once``).
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ from torch.distributed.tensor import DTensor
 from lightweight_ckpt import collectives
 from lightweight_ckpt.errors import StateMismatchError
 from lightweight_ckpt.formats.dcp_dir import new_version
+from lightweight_ckpt.strategies import ddp
 from lightweight_ckpt.strategies.base import Strategy
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from lightweight_ckpt.io import CheckpointIO
+    from lightweight_ckpt.io import CheckpointIO, CheckpointReader
     from lightweight_ckpt.types import Checkpoint, StateDict, StorageOptions, StrPath
 
 StateDictType = Literal["sharded", "full"]
@@ -175,6 +177,17 @@ class FSDPStrategy(Strategy):
         set_optimizer_state_dict(
             module, optimizer, state_dict, options=self._options(module, full=full, strict=False)
         )
+
+    def read_shared(
+        self, path: StrPath, weights_only: bool | None, storage_options: StorageOptions | None
+    ) -> CheckpointReader | None:
+        """A remote single file (full, DDP or plain): read once on rank 0 and broadcast.
+
+        As ``DDPStrategy`` does, and within the same ``READ_ONCE_MAX_BYTES``: every rank needs
+        the whole file's tensors to scatter its shards from, so the broadcast copy costs no
+        more memory than each rank downloading the file, and the store serves it once.
+        """
+        return ddp.read_once(self, path, weights_only, storage_options, ddp.READ_ONCE_MAX_BYTES)
 
     def write(
         self, checkpoint: Checkpoint, path: StrPath, storage_options: StorageOptions | None
