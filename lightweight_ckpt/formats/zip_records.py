@@ -37,7 +37,10 @@ _LOCAL_HEADER = struct.Struct("<4s22xHH")
 _LOCAL_SIGNATURE = b"PK\x03\x04"
 _WINDOW_BYTES = 16 * 1024 * 1024
 CRC_RECORD = ".data/lightweight_ckpt_crc32.json"
-"""Our record of CRC32s (written when torch's own zip CRCs are switched off; see torch_file)."""
+"""Our record of CRC32s (written when torch's own zip CRCs are switched off; see torch_writer)."""
+OFFSETS_KEY = "__data_offsets__"
+"""The key in ``CRC_RECORD`` under which the writer keeps where each record's bytes start."""
+_MAX_EXTRA = 0xFFFF  # a local header's name and extra fields are at most this long each
 LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
 """How a pre-1.6 (non-zip) ``torch.save`` file starts."""
 
@@ -72,42 +75,74 @@ def read_index(source: Source) -> dict[str, Record]:
         raise InvalidCheckpointError(
             f"{source.url}: not a torch checkpoint (no zip archive found; {source.size} bytes)"
         ) from err
-    records = {info.filename: _locate(source, info) for info in infos}
-    return _with_our_crcs(source, records)
-
-
-def _with_our_crcs(source: Source, records: dict[str, Record]) -> dict[str, Record]:
-    """Fill in CRC32s from our record where the zip's own fields are 0 (not computed)."""
-    ours = next((r for name, r in records.items() if name.endswith("/" + CRC_RECORD)), None)
-    if ours is None:
+    table, ours = _our_table(source, infos)
+    hints = table.get(OFFSETS_KEY) if table else None
+    hints = hints if isinstance(hints, dict) else {}
+    records = {
+        info.filename: ours
+        if ours is not None and info.filename == ours.name
+        else _locate(source, info, hints.get(info.filename))
+        for info in infos
+    }
+    if not table:
         return records
+    return {
+        name: record
+        if record.crc or name not in table
+        else Record(name, record.offset, record.size, _crc_entry(source, table[name]))
+        for name, record in records.items()
+    }
+
+
+def _our_table(
+    source: Source, infos: list[zipfile.ZipInfo]
+) -> tuple[dict[str, Any] | None, Record | None]:
+    """Our CRC32 table (with record offsets) and its own record, if the archive has one."""
+    info = next((i for i in infos if i.filename.endswith("/" + CRC_RECORD)), None)
+    if info is None:
+        return None, None
+    ours = _locate(source, info)
     try:
         table = json.loads(source.read_at(ours.offset, ours.size))
     except ValueError as err:
         raise CorruptCheckpointError(f"{source.url}: the CRC32 table is damaged ({err})") from err
     if not isinstance(table, dict):
         raise CorruptCheckpointError(f"{source.url}: the CRC32 table is damaged")
-    return {
-        name: record
-        if record.crc or name not in table
-        else Record(name, record.offset, record.size, int(table[name]))
-        for name, record in records.items()
-    }
+    return table, ours
 
 
-def _locate(source: Source, info: zipfile.ZipInfo) -> Record:
+def _crc_entry(source: Source, value: Any) -> int:
+    if not isinstance(value, int):
+        raise CorruptCheckpointError(f"{source.url}: the CRC32 table is damaged")
+    return value
+
+
+def _locate(source: Source, info: zipfile.ZipInfo, hint: Any = None) -> Record:
+    """Where ``info``'s bytes are: from our table's ``hint`` if it is plausible, else the header.
+
+    A hint saves reading the record's local header (a request per record on object stores).
+    A wrong one cannot pass: the bytes it points at must still match the record's CRC32.
+    """
     if not 0 <= info.header_offset < source.size:
         raise CorruptCheckpointError(
             f"{source.url}: damaged archive directory: record {info.filename!r} is said to start "
             f"at byte {info.header_offset} of {source.size}"
         )
-    header = source.read_at(info.header_offset, _LOCAL_HEADER.size)
-    if len(header) != _LOCAL_HEADER.size:
-        raise CorruptCheckpointError(f"{source.url}: record {info.filename!r} lies past the end")
-    signature, name_len, extra_len = _LOCAL_HEADER.unpack(header)
-    if signature != _LOCAL_SIGNATURE or info.compress_type != zipfile.ZIP_STORED:
+    if info.compress_type != zipfile.ZIP_STORED:
         raise CorruptCheckpointError(f"{source.url}: record {info.filename!r} has a bad header")
-    offset = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+    lowest = info.header_offset + _LOCAL_HEADER.size + len(info.orig_filename.encode())
+    if isinstance(hint, int) and lowest <= hint <= lowest + _MAX_EXTRA:
+        offset = hint
+    else:
+        header = source.read_at(info.header_offset, _LOCAL_HEADER.size)
+        if len(header) != _LOCAL_HEADER.size:
+            raise CorruptCheckpointError(
+                f"{source.url}: record {info.filename!r} lies past the end"
+            )
+        signature, name_len, extra_len = _LOCAL_HEADER.unpack(header)
+        if signature != _LOCAL_SIGNATURE:
+            raise CorruptCheckpointError(f"{source.url}: record {info.filename!r} has a bad header")
+        offset = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
     if offset + info.file_size > source.size:
         raise CorruptCheckpointError(
             f"{source.url}: truncated: record {info.filename!r} ends past the end of the file"
