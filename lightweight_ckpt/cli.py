@@ -424,7 +424,8 @@ def _run_gc(args: argparse.Namespace, options: dict[str, Any]) -> int:
 
 def _add_clean_uploads(commands: Any) -> None:
     clean = commands.add_parser(
-        "clean-uploads", help="list (or --abort) S3 multipart uploads left by killed saves"
+        "clean-uploads",
+        help="list (or --abort) S3 multipart uploads (GCS: components) left by killed saves",
     )
     clean.add_argument("url", help="s3://bucket/prefix: uploads whose key starts with it")
     clean.add_argument(
