@@ -12,6 +12,7 @@ runs ``fn``, the ranks agree on whether all succeeded, and a failure anywhere ra
 from __future__ import annotations
 
 import copy
+import pickle
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -113,7 +114,24 @@ def _map(tree: Any, fn: Callable[[Any], Any]) -> Any:
 
 
 class RankFailedError(CheckpointError, RuntimeError):
-    """Another rank failed the step this rank was part of."""
+    """Another rank failed the step this rank was part of.
+
+    ``errors``: the failed ranks' exceptions, where they could be sent (``{rank: exception}``).
+    """
+
+    def __init__(self, message: str, errors: dict[int, BaseException] | None = None) -> None:
+        super().__init__(message)
+        self.errors = dict(errors or {})
+
+    def checkpoint_error(self) -> CheckpointError:
+        """Return the first failed rank's ``CheckpointError`` (damage, mismatch), else self.
+
+        A checkpoint that is bad for one rank is then reported the same way on every rank.
+        """
+        for _, error in sorted(self.errors.items()):
+            if isinstance(error, CheckpointError):
+                return error
+        return self
 
 
 def run_on_all_ranks(
@@ -132,14 +150,25 @@ def run_on_all_ranks(
     except Exception as err:  # noqa: BLE001 - every failure must reach the other ranks
         error = err
     if is_distributed() and world_size() > 1:
-        outcome = None if error is None else f"{type(error).__name__}: {error}"
-        outcomes: list[str | None] = [None] * world_size()
+        outcome = None if error is None else (f"{type(error).__name__}: {error}", _sendable(error))
+        outcomes: list[tuple[str, BaseException | None] | None] = [None] * world_size()
         dist.all_gather_object(outcomes, outcome)
-        failed = {rank: msg for rank, msg in enumerate(outcomes) if msg is not None}
+        failed = {rank: out for rank, out in enumerate(outcomes) if out is not None}
         if failed and error is None:
             if on_abort is not None:
                 on_abort(result)  # type: ignore[arg-type]
-            raise RankFailedError(f"{step} failed on rank(s) {sorted(failed)}: {failed}")
+            messages = {rank: message for rank, (message, _) in failed.items()}
+            errors = {rank: err for rank, (_, err) in failed.items() if err is not None}
+            raise RankFailedError(f"{step} failed on rank(s) {sorted(failed)}: {messages}", errors)
     if error is not None:
         raise error
     return result  # type: ignore[return-value]
+
+
+def _sendable(error: BaseException) -> BaseException | None:
+    """``error`` without its traceback if it pickles and unpickles as itself, else None."""
+    try:
+        copy = pickle.loads(pickle.dumps(error))  # noqa: S301 - our own bytes, just made
+    except Exception:  # noqa: BLE001 - any exception may be unpicklable; its message still goes
+        return None
+    return copy if type(copy) is type(error) else None

@@ -27,6 +27,7 @@ import dataclasses
 import logging
 import pickle
 import posixpath
+import traceback
 import warnings
 from typing import IO, TYPE_CHECKING, Any, cast
 
@@ -44,6 +45,7 @@ from torch.distributed.checkpoint.metadata import (
     StorageMeta,
     TensorStorageMetadata,
 )
+from torch.distributed.checkpoint.planner import LoadItemType
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
@@ -280,6 +282,77 @@ def read(
             )
     except CheckpointException as err:
         raise _translate(location.url, err, writing=False) from err
+    finally:
+        reader.release()
+
+
+class PlannedRead:
+    """This rank's part of a sharded load, planned and checked; no tensor target written yet.
+
+    From ``plan_read``: the items this rank reads are CRC-checked, their pieces pinned, and the
+    non-tensor values read into the template's own slots. ``read`` fills the tensors (the
+    targets); ``close`` lets go without reading (another rank failed).
+    """
+
+    def __init__(self, url: str, reader: Any, planner: Any, plan: Any) -> None:
+        self._url = url
+        self._reader = reader
+        self._planner = planner
+        self._plan = plan
+
+    def read(self) -> None:
+        """Read every tensor item of the plan into its target, then let go of the pieces."""
+        try:
+            self._reader.read_data(self._plan, self._planner).wait()
+        except CheckpointError:
+            raise
+        except Exception as err:  # any failure of DCP's read, as our error
+            failure = CheckpointException(
+                "read", {0: (err, traceback.extract_tb(err.__traceback__))}
+            )
+            raise _translate(self._url, failure, writing=False) from err
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the pinned pieces."""
+        self._reader.release()
+
+
+def plan_read(
+    template: dict[str, Any], location: Location, storage_options: Any, weights_only: bool
+) -> PlannedRead:
+    """Plan this rank's part of a sharded load of ``template``, with no collective.
+
+    DCP's local steps (plan, ``prepare_local_plan``: pin and CRC-check every item this rank
+    reads) and its global step, which is the identity for loads, run here; DCP's own agreement
+    steps are left to the caller, who agrees on this step's outcome across ranks before
+    ``read``. Non-tensor values are read now (they may fail under ``weights_only``), into the
+    template; nothing the caller owns is written.
+    """
+    reader = dcp_reader.reader_for(location, storage_options)
+    reader.known_metadata = dcp_reader.take_parsed(location)
+    planner = dcp_reader.SafeLoadPlanner(location.url, weights_only)
+    try:
+        metadata = reader.read_metadata()
+        coordinator = not _distributed() or torch.distributed.get_rank() == 0
+        planner.set_up_planner(template, metadata, coordinator)
+        reader.set_up_storage_reader(metadata, coordinator)
+        (plan,) = reader.prepare_global_plan(
+            planner.create_global_plan([reader.prepare_local_plan(planner.create_local_plan())])
+        )
+        plan = planner.finish_plan(plan)
+        values = [item for item in plan.items if item.type == LoadItemType.BYTE_IO]
+        if values:
+            reader.read_data(dataclasses.replace(plan, items=values), planner).wait()
+        tensors = [item for item in plan.items if item.type != LoadItemType.BYTE_IO]
+    except BaseException as err:
+        reader.release()
+        if isinstance(err, CheckpointError) or not isinstance(err, Exception):
+            raise
+        failure = CheckpointException("plan", {0: (err, traceback.extract_tb(err.__traceback__))})
+        raise _translate(location.url, failure, writing=False) from err
+    return PlannedRead(location.url, reader, planner, dataclasses.replace(plan, items=tensors))
 
 
 def skeleton(metadata: Metadata, keys: set[str] | None = None) -> dict[str, Any]:
@@ -338,6 +411,8 @@ def read_items(
         )
     except CheckpointException as err:
         raise _translate(location.url, err, writing=False) from err
+    finally:
+        reader.release()
 
 
 def read_values(

@@ -161,6 +161,9 @@ class SafeReader(FileSystemReader):
         """Check the stored items' CRC32 (through a memory map of each piece on local disk)."""
         dcp_checksums.verify_items(self.location, items)
 
+    def release(self) -> None:
+        """Let go of what the load holds (pinned pieces); the load is over or abandoned."""
+
 
 class SafeFileSystemReader(SafeReader):
     """DCP's local file reader, made safe; tensor items read straight into their targets.
@@ -184,7 +187,10 @@ class SafeFileSystemReader(SafeReader):
         return super().prepare_local_plan(plan)
 
     def release(self) -> None:
-        """Close the pinned pieces (after the read, or when the load stops before it)."""
+        """Close the pinned pieces (after the read, or when the load stops before it).
+
+        The pieces stay pinned across ``read_data`` calls (values, then tensors) until this.
+        """
         pinned, self._pinned = self._pinned or {}, None
         for descriptor in pinned.values():
             os.close(descriptor)
@@ -200,11 +206,16 @@ class SafeFileSystemReader(SafeReader):
         are parsed (as a description only) and its bytes read into the target. Non-tensor
         values, transformed items and anything unusual go through DCP's own path.
         """
+        values = [item for item in plan.items if item.type == LoadItemType.BYTE_IO]
+        if values:  # first: a value weights_only refuses fails before any tensor is written
+            super().read_data(dataclasses.replace(plan, items=values), planner).wait()
         slow: list[ReadItem] = []
         per_piece: dict[str, list[ReadItem]] = {}
         for request in plan.items:
             info = self.storage_data[request.storage_index]
-            if request.type == LoadItemType.BYTE_IO or getattr(info, "transform_descriptors", None):
+            if request.type == LoadItemType.BYTE_IO:
+                continue
+            if getattr(info, "transform_descriptors", None):
                 slow.append(request)
             else:
                 per_piece.setdefault(info.relative_path, []).append(request)
@@ -225,10 +236,11 @@ class SafeFileSystemReader(SafeReader):
                         slow.append(request)
                         continue
                     planner.commit_tensor(request, target)
-            if slow:  # DCP's own path opens the piece by name: still pinned, so the same file
-                super().read_data(dataclasses.replace(plan, items=slow), planner).wait()
-        finally:
+        except BaseException:
             self.release()
+            raise
+        if slow:  # DCP's own path opens the piece by name: still pinned, so the same file
+            return super().read_data(dataclasses.replace(plan, items=slow), planner)
         done: Future[None] = Future()
         done.set_result(None)
         return done
@@ -249,9 +261,14 @@ class SafeFsspecReader(SafeReader, FsspecReader):
         self._items().verify(items)
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        """Read every item of ``plan``, each with one retried ranged read (or the kept copy)."""
+        """Read every item of ``plan``, each with one retried ranged read (or the kept copy).
+
+        Non-tensor values first: one that ``weights_only`` refuses fails before any tensor is
+        written.
+        """
         items = self._items()
-        for request in plan.items:
+        ordered = sorted(plan.items, key=lambda item: item.type != LoadItemType.BYTE_IO)
+        for request in ordered:
             info = self.storage_data[request.storage_index]
             data = items.take(info.relative_path, int(info.offset), int(info.length))
             dcp_remote.read_item(request, info, data, planner, self.transforms)

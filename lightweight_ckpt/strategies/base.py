@@ -24,8 +24,11 @@ therefore changes no rank's state.
 Ranks coordinate through two hooks, ``run_on_all_ranks`` and ``broadcast_object``
 (``torch.distributed`` through ``collectives`` by default; XLA replicas use their runtime).
 
-Load, sharded directory: read the metadata → check keys and shapes → build a template from the
-hooks (sharded where the modules are) → DCP fills it → ``apply_restore``.
+Load, sharded directory, in the same two agreed steps: (1) read the metadata → check keys and
+shapes → build a template from the hooks (sharded where the modules are) → plan this rank's DCP
+read and CRC-check every item it reads (``dcp_dir.plan_read``; no collective); (2) only when every
+rank passed (1): read the tensors into the template → ``apply_restore``. An IO that overrides
+``load_sharded`` gets its own collective read between the two steps instead.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_op
 from lightweight_ckpt import collectives
 from lightweight_ckpt.errors import InvalidCheckpointError
 from lightweight_ckpt.formats import dcp_versions
-from lightweight_ckpt.formats.dcp_dir import skeleton, top_level_keys
+from lightweight_ckpt.formats.dcp_dir import PlannedRead, plan_read, skeleton, top_level_keys
 from lightweight_ckpt.io import CheckpointIO, CheckpointReader, TorchCheckpointIO
 from lightweight_ckpt.state import (
     RAW_KEY,
@@ -87,6 +90,29 @@ class OpenFile:
     def close(self) -> None:
         """Release the reader (another rank failed: nothing is restored)."""
         self.reader.close()
+
+
+def _close_sharded(opened: OpenSharded | None) -> None:
+    if opened is not None:
+        opened.close()
+
+
+@dataclass
+class OpenSharded:
+    """A sharded checkpoint checked against the state on this rank; nothing restored yet.
+
+    ``template``: what the read fills; ``plan``: the restore plan (None: no state given);
+    ``planned``: this rank's read, planned and checked (None: the IO reads collectively).
+    """
+
+    template: Checkpoint
+    plan: RestorePlan | None
+    planned: PlannedRead | None
+
+    def close(self) -> None:
+        """Let go of the planned read (another rank failed: nothing is read or restored)."""
+        if self.planned is not None:
+            self.planned.close()
 
 
 class Strategy:
@@ -230,11 +256,16 @@ class Strategy:
         if state:
             self.check_state(state)
         path = self.broadcast_object(path)
-        opened = self.run_on_all_ranks(
-            "open", lambda: self._open_sharded(path, state, strict, storage_options)
-        )
-        if opened is not None:
-            return self._load_sharded(path, opened, weights_only, storage_options)
+        try:
+            opened = self.run_on_all_ranks(
+                "open",
+                lambda: self._open_sharded_read(path, state, strict, weights_only, storage_options),
+                on_abort=_close_sharded,
+            )
+            if opened is not None:
+                return self._load_sharded(path, opened, weights_only, storage_options)
+        except collectives.RankFailedError as failure:  # damage seen by one rank: the same error
+            raise failure.checkpoint_error() from failure  # on all (as DCP's own steps did)
         return self._load_file(path, state, strict, weights_only, storage_options)
 
     def _load_file(
@@ -335,6 +366,32 @@ class Strategy:
             )
         return remainder, opened.plan.report
 
+    def _open_sharded_read(
+        self,
+        path: StrPath,
+        state: State | None,
+        strict: bool,
+        weights_only: bool | None,
+        storage_options: StorageOptions | None,
+    ) -> OpenSharded | None:
+        """If ``path`` is sharded: check it against ``state``, build the template, plan the read.
+
+        Returns None for a single file. Where the IO reads sharded checkpoints the default way,
+        this rank's read is planned and checked here too (``dcp_dir.plan_read``: CRC32 of every
+        item it reads, non-tensor values read), so that the "open" agreement also stands for
+        DCP's planning step and nothing the caller owns is written before every rank passed it.
+        """
+        opened = self._open_sharded(path, state, strict, storage_options)
+        if opened is None:
+            return None
+        template, plan = opened
+        io = self.checkpoint_io
+        if type(io).load_sharded is not CheckpointIO.load_sharded:
+            return OpenSharded(template, plan, None)  # the IO's own read, a collective
+        location, options = io.locate(path, storage_options), io.options(storage_options)
+        planned = plan_read(template, location, options, weights_only is not False)
+        return OpenSharded(template, plan, planned)
+
     def _open_sharded(
         self,
         path: StrPath,
@@ -342,15 +399,25 @@ class Strategy:
         strict: bool,
         storage_options: StorageOptions | None,
     ) -> tuple[Checkpoint, RestorePlan | None] | None:
-        """If ``path`` is sharded: check it against ``state`` and build the template to fill.
+        """If ``path`` is sharded: ``_sharded_template``; None for a single file."""
+        if not self.checkpoint_io.is_sharded(path, storage_options):
+            return None
+        return self._sharded_template(path, state, strict, storage_options)
+
+    def _sharded_template(
+        self,
+        path: StrPath,
+        state: State | None,
+        strict: bool,
+        storage_options: StorageOptions | None,
+    ) -> tuple[Checkpoint, RestorePlan | None]:
+        """Check the sharded checkpoint at ``path`` against ``state``; build the template.
 
         The template holds the stateful entries as the hooks give them (sharded for FSDP
         modules), and plain values and unrequested entries as laid out in the metadata, so that
-        one DCP pass reads everything. Returns None for a single file.
+        one DCP pass reads everything.
         """
         io = self.checkpoint_io
-        if not io.is_sharded(path, storage_options):
-            return None
         metadata = io.read_sharded_metadata(path, storage_options)
         available = top_level_keys(metadata)
         if not state:
@@ -380,25 +447,37 @@ class Strategy:
     def _load_sharded(
         self,
         path: StrPath,
-        opened: tuple[Checkpoint, RestorePlan | None],
+        opened: OpenSharded,
         weights_only: bool | None,
         storage_options: StorageOptions | None,
     ) -> tuple[Any, LoadReport | None]:
-        template, plan = opened
-        io = self.checkpoint_io
-        # one collective DCP pass fills the template in place (its errors reach every rank)
-        io.load_sharded(template, path, weights_only=weights_only, storage_options=storage_options)
-        if plan is None:
-            return template, None
-        for key in plan.checkpoint:
-            plan.checkpoint[key] = template[key]
-        plan.module_dicts.update({k: template[k] for k in plan.module_dicts})
-        remainder = self.run_on_all_ranks(
-            "restore",
-            lambda: apply_restore(
+        """Read and restore what ``_open_sharded`` checked on every rank, in one agreed step.
+
+        With a read planned at open, the step reads this rank's tensors into the template (no
+        other collective) and restores. Otherwise the IO's collective DCP pass fills the
+        template first (its errors reach every rank) and the step restores.
+        """
+        template, plan, planned = opened.template, opened.plan, opened.planned
+        if planned is None:
+            self.checkpoint_io.load_sharded(
+                template, path, weights_only=weights_only, storage_options=storage_options
+            )
+
+        def restore() -> Any:
+            if planned is not None:
+                planned.read()
+            if plan is None:
+                return template
+            for key in plan.checkpoint:
+                plan.checkpoint[key] = template[key]
+            plan.module_dicts.update({k: template[k] for k in plan.module_dicts})
+            return apply_restore(
                 plan, frozenset(), self.load_module_state_dict, self.load_optimizer_state_dict
-            ),
-        )
+            )
+
+        remainder = self.run_on_all_ranks("restore", restore)
+        if plan is None:
+            return remainder, None
         remainder.update({k: template[k] for k in plan.report.remainder_keys})
         return remainder, plan.report
 

@@ -1,8 +1,10 @@
-"""Sharded loads read stored tensor items straight into their targets; unusual items still load.
+"""Sharded loads: tensor items read straight into their targets, in two agreed steps.
 
 On local disk the reader parses each stored item's zip directory and pickle (as a description
 only) and reads its bytes into the target with one copy. Items it does not handle (a strided
-stored tensor, non-tensor values) go through DCP's own path. Real files, nothing mocked.
+stored tensor, non-tensor values) go through DCP's own path. The load is two steps agreed by
+every rank: plan, check every CRC and read the plain values; then read the tensors and restore.
+Real files and processes, nothing mocked.
 """
 
 from __future__ import annotations
@@ -13,14 +15,18 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
 
-from lightweight_ckpt import Fabric
+from lightweight_ckpt import Fabric, UnsafeCheckpointError
+from lightweight_ckpt.collectives import RankFailedError
 from lightweight_ckpt.formats import dcp_reader
 from lightweight_ckpt.strategies import FSDPStrategy
 from tests.helpers.asserts import assert_states_differ, assert_states_equal, snapshot
+from tests.helpers.distributed import run_distributed
+from tests.strategies.test_matrix import build
 
 
 class Mixed(nn.Module):
@@ -127,3 +133,65 @@ def test_a_block_of_rows_is_read_directly(tmp_path: Path) -> None:
             dcp_reader.read_tensor_item(fd, offset, length, outside, torch.zeros(4, 16))
     finally:
         os.close(fd)
+
+
+# -- two agreed steps: everything that can fail is checked before any target is written --------
+
+
+class Opaque:
+    """A plain value ``weights_only=True`` refuses (any class outside torch's allowlist)."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def test_a_refused_value_fails_the_load_before_any_tensor_is_written(tmp_path: Path) -> None:
+    # values are read in the first step: DCP's own pass read them after the tensors before it
+    path = tmp_path / "sharded"
+    source = Mixed(seed=1)
+    Fabric(strategy=FSDPStrategy()).save(path, {"model": source, "extra": Opaque(3)})
+    target = Mixed(seed=2)
+    before = snapshot(target)
+    with pytest.raises(UnsafeCheckpointError, match=str(path)):
+        Fabric().load(path, {"model": target, "extra": None})
+    assert_states_equal(target, before)  # nothing restored
+    state: dict[str, Any] = {"model": target, "extra": None}
+    Fabric().load(path, state, weights_only=False)  # trusted: loads
+    assert state["extra"].value == 3
+    assert_states_equal(target, snapshot(source))
+
+
+class _FailsOnRank:
+    """A stateful object whose ``load_state_dict`` raises on one rank."""
+
+    def __init__(self, failing_rank: int) -> None:
+        self.failing_rank = failing_rank
+        self.loaded: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": torch.tensor(7)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if dist.get_rank() == self.failing_rank:
+            raise RuntimeError("refused on this rank (injected)")
+        self.loaded = state_dict
+
+
+def _restore_fails_on_one_rank(rank: int, world_size: int, directory: str) -> None:
+    path = Path(directory) / "sharded"
+    model, optimizer = build("fsdp2")
+    fabric = Fabric()
+    fabric.save(path, {"model": model, "optimizer": optimizer, "hook": _FailsOnRank(-1)})
+    with pytest.raises(Exception) as raised:  # noqa: PT011 - the type differs by rank
+        fabric.load(path, {"model": model, "optimizer": optimizer, "hook": _FailsOnRank(1)})
+    if rank == 1:
+        assert "refused on this rank" in str(raised.value)
+    else:
+        assert isinstance(raised.value, RankFailedError)
+        assert "restore failed on rank(s) [1]" in str(raised.value)
+    fabric.barrier()  # no rank hangs: every one reached here
+
+
+@pytest.mark.distributed
+def test_a_restore_failing_on_one_rank_raises_on_every_rank(tmp_path: Path) -> None:
+    run_distributed(_restore_fails_on_one_rank, 2, tmp_path, args=(str(tmp_path),))
