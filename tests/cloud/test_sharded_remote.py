@@ -191,3 +191,46 @@ def test_ddp_load_of_a_remote_file_downloads_it_once(
         if method == "GET" and "ddp.ckpt" in target
     )
     assert reads * size <= fetched < (reads + 0.5) * size
+
+
+# -- FSDP: a remote full file is downloaded once (rank 0) and broadcast -----------------------
+
+
+def _fsdp_full_load_once(rank: int, world_size: int, url: str, direct: Any, proxied: Any) -> None:
+    from tests.strategies.test_matrix import build, perturb, reference
+
+    model, optimizer = build("fsdp2")
+    fabric = Fabric(strategy=FSDPStrategy(state_dict_type="full"))
+    fabric.save(url, {"model": model, "optimizer": optimizer, "step": 5}, storage_options=direct)
+    expected = reference("fsdp2", model, optimizer)
+    perturb(model, optimizer)
+    assert_states_differ(reference("fsdp2", model, optimizer)["model"], expected["model"])
+    state: dict[str, Any] = {"model": model, "optimizer": optimizer, "step": 0}
+    fabric.load(url, state, storage_options=proxied)
+    after = reference("fsdp2", model, optimizer)
+    assert_states_equal(after["model"], expected["model"])
+    assert_states_equal(after["optimizer"], expected["optimizer"])
+    assert state["step"] == 5
+
+
+@pytest.mark.distributed
+def test_fsdp_load_of_a_remote_full_file_downloads_it_once(
+    proxied_s3: Proxied, tmp_path: Path
+) -> None:
+    """Under FSDP too, rank 0 downloads a full file and broadcasts it (was: every rank)."""
+    url = proxied_s3.store.url("full.ckpt")
+    options = (proxied_s3.store.storage_options, proxied_s3.options)
+    run_distributed(_fsdp_full_load_once, 2, tmp_path, args=(url, *options))
+    by_two_ranks = _fetched(proxied_s3, "full.ckpt")
+    proxied_s3.proxy.requests.clear()
+    Fabric().load(url, None, storage_options=proxied_s3.options)  # one read, in one process
+    once = _fetched(proxied_s3, "full.ckpt")
+    assert once <= by_two_ranks < 1.5 * once  # every rank reading it: twice as much
+
+
+def _fetched(proxied: Proxied, name: str) -> int:
+    return sum(
+        length
+        for method, target, length, _ in proxied.proxy.requests
+        if method == "GET" and name in target
+    )
