@@ -27,6 +27,10 @@ reads its records with; each holds one ``chunk_bytes`` buffer.
 downloads that last over a second: ``auto`` (default) when stderr is a terminal, ``on``, ``off``.
 Every save and load also logs its size, time and throughput at INFO.
 
+``LWCKPT_REUSE_PIECES``: ``1`` (default) lets a sharded save on local disk overwrite the pieces of
+the version two saves back in place instead of allocating new files; ``0`` writes fresh files
+and removes each replaced version.
+
     with config.override(io_threads=1):
         fabric.load(path, state)
 """
@@ -56,6 +60,7 @@ class Settings:
     part_bytes: int = 8 << 20
     parts_in_flight: int = 4
     progress: str = "auto"
+    reuse_pieces: bool = True
 
 
 def _choice(name: str, choices: tuple[str, ...]) -> str:
@@ -78,6 +83,7 @@ def _from_env() -> Settings:
         part_bytes=max(5 << 20, int(os.environ.get("LWCKPT_PART_BYTES", str(8 << 20)))),
         parts_in_flight=max(1, int(os.environ.get("LWCKPT_PARTS_IN_FLIGHT", "4"))),
         progress=_choice("LWCKPT_PROGRESS", ("auto", "on", "off")),
+        reuse_pieces=_choice("LWCKPT_REUSE_PIECES", ("1", "0")) == "1",
     )
 
 

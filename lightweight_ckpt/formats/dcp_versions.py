@@ -65,7 +65,9 @@ log = logging.getLogger("lightweight_ckpt")
 
 VERSION_PREFIX = "v-"
 REUSE_SPARES = True
-"""Keep the replaced version as a spare for the next save to overwrite (local disk; above)."""
+"""Keep the replaced version as a spare for the next save to overwrite (local disk; above).
+
+Users switch it off with ``LWCKPT_REUSE_PIECES=0`` (``config.settings().reuse_pieces``)."""
 
 _lock = threading.Lock()
 _pending: dict[tuple[str, str], Future[None]] = {}
@@ -136,7 +138,7 @@ def spare_for(location: Location, version: str) -> str | None:
 
 
 def _before_last(location: Location) -> str | None:
-    if not REUSE_SPARES:
+    if not (REUSE_SPARES and settings().reuse_pieces):
         return None
     with _lock:
         history = _committed.get(_key(location), [])

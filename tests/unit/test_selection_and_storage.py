@@ -180,3 +180,22 @@ def test_an_unknown_progress_mode_is_refused_naming_the_variable():
     assert result.returncode != 0
     assert "LWCKPT_PROGRESS='sometimes'" in result.stderr
     assert "auto, on, off" in result.stderr
+
+
+@pytest.mark.parametrize(("value", "expected"), [("0", "False"), ("1", "True"), (None, "True")])
+def test_reuse_pieces_follows_its_variable(value: str | None, expected: str) -> None:
+    env = {"PATH": os.environ.get("PATH", "")}
+    if value is not None:
+        env["LWCKPT_REUSE_PIECES"] = value
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from lightweight_ckpt import config; print(config.settings().reuse_pieces)",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.strip() == expected
