@@ -561,26 +561,15 @@ def run_round(
             if save_op == "save":
                 results.append({**res, "round": rnd})
                 _log(f"round {rnd} {name:>16} save {res['seconds']:7.2f}s")
-            if "load" in contender.ops:
+            read_ops = ["load", "resume"] if args.resume else ["load"]
+            for op in read_ops if "load" in contender.ops else []:
                 if args.cold_cache:
                     harness.drop_page_cache(path)
                 res = harness.run_worker(
-                    SCRIPT,
-                    _worker_args(name, "load", path, args, rnd),
-                    extra_pythonpath=[REPO_ROOT],
+                    SCRIPT, _worker_args(name, op, path, args, rnd), extra_pythonpath=[REPO_ROOT]
                 )
                 results.append({**res, "round": rnd})
-                _log(f"round {rnd} {name:>16} load {res['seconds']:7.2f}s")
-            if "load" in contender.ops and args.resume:
-                if args.cold_cache:
-                    harness.drop_page_cache(path)
-                res = harness.run_worker(
-                    SCRIPT,
-                    _worker_args(name, "resume", path, args, rnd),
-                    extra_pythonpath=[REPO_ROOT],
-                )
-                results.append({**res, "round": rnd})
-                _log(f"round {rnd} {name:>16} resume {res['seconds']:7.2f}s")
+                _log(f"round {rnd} {name:>16} {op} {res['seconds']:7.2f}s")
         finally:
             harness.remove_path(path)
             harness.remove_path(_expected_path(path))
