@@ -16,9 +16,8 @@ RAM-backed filesystem (tmpfs) or where free space is short.
 
 ``LWCKPT_PART_BYTES``: the part size of S3 multipart saves and of GCS composite saves' components
 (default 8 MiB, at least S3's 5 MiB; it doubles every 1000 parts), ``LWCKPT_PARTS_IN_FLIGHT``
-parts uploading at once (default 4). An S3 save holds at most ``(parts_in_flight + 1) *
-part_bytes`` of the checkpoint in memory; a GCS save up to ``(2 * parts_in_flight + 1) *
-part_bytes`` (gcsfs copies each part into its request body).
+parts uploading at once (default 4). A save holds at most ``(parts_in_flight + 1) *
+part_bytes`` of the checkpoint in memory, on S3 and on GCS alike.
 
 ``LWCKPT_IO_THREADS`` is also the number of streams (one ranged GET each on S3) a remote load
 reads its records with; each holds one ``chunk_bytes`` buffer.

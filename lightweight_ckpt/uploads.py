@@ -31,6 +31,7 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from fsspec.asyn import sync
 
@@ -281,7 +282,8 @@ class GCSComposeWriter(_PartWriter):
     upload sends its chunks one at a time). ``commit`` composes them into the target in one
     request (a tree of requests beyond 32 components), so the object appears only when whole,
     then deletes them; ``discard`` deletes them. A killed save leaves its components, which
-    ``incomplete_uploads`` lists by name. gcsfs copies each part once into its request body.
+    ``incomplete_uploads`` lists by name. Each part is sent from its own memory (a media
+    upload), not copied into a request body.
     """
 
     def __init__(
@@ -300,10 +302,8 @@ class GCSComposeWriter(_PartWriter):
         return key
 
     def _upload(self, key: str, data: memoryview) -> None:
-        from gcsfs.core import simple_upload  # noqa: PLC0415 - gcsfs is optional
-
         fs = self._location.fs
-        sync(fs.loop, simple_upload, fs, self._bucket, key, data)
+        sync(fs.loop, _media_upload, fs, self._bucket, key, data)
 
     def _put_whole(self, data: memoryview) -> None:
         self._upload(self._key, data)
@@ -339,6 +339,19 @@ class GCSComposeWriter(_PartWriter):
         if found:
             fs.rm(found)
         fs.invalidate_cache(parent)
+
+
+async def _media_upload(fs: Any, bucket: str, key: str, data: memoryview) -> Any:
+    """One-request GCS upload whose body is ``data`` itself (``uploadType=media``).
+
+    gcsfs's ``simple_upload`` wraps the bytes in a multipart body, a copy of every part; a media
+    upload sends the part's own memory, so a save holds each part in flight once.
+    """
+    path = f"{fs._location}/upload/storage/v1/b/{quote(bucket)}/o"
+    headers = {"Content-Type": "application/octet-stream"}
+    return await fs._call(
+        "POST", path, uploadType="media", name=key, headers=headers, data=data, json_out=True
+    )
 
 
 async def _client_call(fs: Any, method: str, params: dict[str, Any]) -> dict[str, Any]:

@@ -43,7 +43,7 @@ DATA_GET = {"method": "GET", "min_range_bytes": RANGE_BYTES // 2}
 # S3: the second multipart part; GCS: component uploads (one request each)
 UPLOAD_PART = {
     "s3": {"method": "PUT", "path": "partNumber=2"},
-    "gs": {"method": "POST", "path": "uploadType=multipart"},
+    "gs": {"method": "POST", "path": "uploadType=media"},
 }
 
 
