@@ -75,9 +75,16 @@ def _torchrun(*args: str, nproc: int = 2, extra: tuple[str, ...] = ()) -> subpro
 TORCH_EXIT_ABORT = "terminate called without an active exception"
 
 
-def _finish(proc: subprocess.Popen[str]) -> str:
+# Two torchrun launches joined by one c10d store: the agent that hosts the store exits when its own
+# workers are done, and the other agent, still polling the store while its workers exit, then
+# fails with this (torch.distributed.elastic, not the workers). The run is judged as above.
+TORCHRUN_STORE_GONE = "The connection to the C10d store has failed"
+
+
+def _finish(proc: subprocess.Popen[str], *accepted: str) -> str:
     out = finish(proc, timeout_s=240)
-    assert proc.returncode == 0 or TORCH_EXIT_ABORT in out, out
+    ok = proc.returncode == 0 or any(marker in out for marker in (TORCH_EXIT_ABORT, *accepted))
+    assert ok, out
     return out
 
 
@@ -106,7 +113,7 @@ def test_fsdp_example_two_nodes_then_resume_at_another_world_size(tmp_path: Path
         _torchrun(script, "--dir", str(tmp_path), "--steps", "3", extra=rendezvous) for _ in "ab"
     ]
     try:
-        outputs = [_finish(node) for node in nodes]
+        outputs = [_finish(node, TORCHRUN_STORE_GONE) for node in nodes]
     finally:
         kill(*nodes)
     assert any("saved step 3 at world size 4" in out for out in outputs)

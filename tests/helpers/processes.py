@@ -11,7 +11,7 @@ def finish(proc: subprocess.Popen[str], timeout_s: float) -> str:
     try:
         out, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        kill(proc)
+        proc.kill()
         out, _ = proc.communicate()
         raise AssertionError(f"{proc.args} timed out after {timeout_s} s:\n{out}") from None
     return out or ""
@@ -23,6 +23,9 @@ def kill(*procs: subprocess.Popen[str]) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()  # else it is closed by the GC, warning in whichever test runs then
 
 
 def run_cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
