@@ -7,16 +7,20 @@ Strategies call these functions; the ones that need sharded state dicts (FSDP) p
 Restoring is split in two so that a load is all-or-nothing:
 
 1. ``plan_restore(state, checkpoint, strict)`` checks every entry (missing keys, unexpected keys,
-   shape mismatches, optimizer structure) and raises before anything is changed. It also lists
-   *bindings*: checkpoint tensors that may be read straight into an existing tensor of the
-   target (a parameter, an optimizer moment), so the reader can skip a copy and extra memory.
-2. ``apply_restore(plan, accepted)`` calls ``load_state_dict`` / replaces plain values and returns
-   the remainder. ``accepted`` names the bindings the reader honoured.
+   shape mismatches, optimizer structure and state shapes) and raises one error listing every
+   problem before anything is changed. It also lists *bindings*: checkpoint tensors that may be
+   read straight into an existing tensor of the target (a parameter, an optimizer moment), so
+   the reader can skip a copy and extra memory.
+2. ``apply_restore(plan, accepted)`` first runs everything that may still refuse (user objects,
+   then a rehearsal of each module's and optimizer's ``load_state_dict`` that writes no tensor),
+   then fills the targets, calls ``load_state_dict`` / replaces plain values and returns the
+   remainder. ``accepted`` names the bindings the reader honoured.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +35,8 @@ from lightweight_ckpt.errors import MissingKeysError, StateMismatchError
 from lightweight_ckpt.types import Checkpoint, KeepFn, State, StateDict, Stateful
 
 log = logging.getLogger("lightweight_ckpt")
+
+_EXTRA_STATE_SUFFIX = "_extra_state"  # torch.nn.Module's key for get_extra_state()
 
 
 def unwrap_module(module: nn.Module) -> nn.Module:
@@ -207,12 +213,16 @@ def _is_plain_tensor(value: object) -> bool:
     return type(value) in (torch.Tensor, nn.Parameter)
 
 
+class _Unfit(Exception):  # noqa: N818 - a private signal that plan_restore turns into one error
+    """One state entry does not fit its checkpoint entry; ``plan_restore`` gathers these."""
+
+
 def _module_entry(
-    key: str, target: StateDict, value: object, strict: bool, path: str
+    key: str, target: StateDict, value: object
 ) -> tuple[StateDict, EntryReport, list[Binding]]:
     if not isinstance(value, Mapping):
-        raise StateMismatchError(
-            f"{path}: {_label(key)} is a module but the checkpoint holds a "
+        raise _Unfit(
+            f"{_label(key)} is a module but the checkpoint holds a "
             f"{type(value).__name__} there, not a state dict."
         )
     loadable: StateDict = {}
@@ -237,12 +247,14 @@ def _module_entry(
         unexpected_keys=tuple(sorted(set(value) - set(target))),
         mismatched_shapes=tuple(sorted(mismatched)),
     )
-    if strict and report:
-        raise StateMismatchError(
-            f"{path}: {_label(key)} does not match the checkpoint: {report.describe()}. "
-            f"{_prefix_hint(report)}Pass strict=False to load the keys that match."
-        )
     return loadable, report, bindings
+
+
+def _module_problem(key: str, report: EntryReport) -> str:
+    return (
+        f"{_label(key)} does not match the checkpoint: {report.describe()}. "
+        f"{_prefix_hint(report)}Pass strict=False to load the keys that match."
+    )
 
 
 def _prefix_hint(report: EntryReport) -> str:
@@ -260,22 +272,34 @@ def _prefix_hint(report: EntryReport) -> str:
 
 
 def _optimizer_entry(
-    key: str, optimizer: torch.optim.Optimizer, value: object, path: str, sizes: list[int]
+    key: str, optimizer: torch.optim.Optimizer, value: object, sizes: list[int]
 ) -> list[Binding]:
     groups = value.get("param_groups") if isinstance(value, Mapping) else None
     saved_state = value.get("state") if isinstance(value, Mapping) else None
     if not isinstance(groups, list) or not isinstance(saved_state, dict):
-        raise StateMismatchError(
-            f"{path}: {_label(key)} is an optimizer but the checkpoint entry is not an "
+        raise _Unfit(
+            f"{_label(key)} is an optimizer but the checkpoint entry is not an "
             "optimizer state dict (no 'state' and 'param_groups')."
         )
     if any(isinstance(p, str) for g in groups for p in g.get("params", ())):
         return []  # keyed by parameter names (DCP's form): its setter checks the structure
     saved_sizes = [len(g.get("params", ())) for g in groups]
     if saved_sizes != sizes:
-        raise StateMismatchError(
-            f"{path}: {_label(key)} has parameter groups of sizes {sizes} but the checkpoint's "
+        raise _Unfit(
+            f"{_label(key)} has parameter groups of sizes {sizes} but the checkpoint's "
             f"have sizes {saved_sizes}. Load into an optimizer built over the same parameters."
+        )
+    bad = _optimizer_shape_problems(optimizer, groups, saved_state)
+    if bad:
+        listed = ", ".join(
+            f"param {index} {name}: {list(saved)} in checkpoint vs {list(current)}"
+            for index, name, saved, current in bad
+        )
+        raise _Unfit(
+            f"{_label(key)} holds optimizer state of other shapes than its parameters "
+            f"[{listed}]: the checkpoint's optimizer updated other parameters. Load into an "
+            "optimizer built over the same parameters, or leave the optimizer out of the state "
+            "(a partial optimizer load is never made, strict or not)."
         )
     current = optimizer.state_dict()["state"]
     bindings = []
@@ -286,6 +310,83 @@ def _optimizer_entry(
             if _is_plain_tensor(target) and _same_layout(saved, target):
                 bindings.append(Binding(saved, target, entries, name))
     return bindings
+
+
+def _torch_optimizers(*names: str) -> frozenset[type]:
+    """The ``torch.optim`` classes of these names that this torch has."""
+    found = (getattr(torch.optim, name, None) for name in names)
+    return frozenset(kind for kind in found if isinstance(kind, type))
+
+
+_PARAM_SHAPED = _torch_optimizers(
+    "ASGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "Muon", "NAdam", "RAdam",
+    "RMSprop", "Rprop", "SGD", "SparseAdam",
+)  # fmt: skip
+"""``torch.optim`` optimizers whose non-scalar state tensors all have their parameter's shape."""
+_FACTORED = _torch_optimizers("Adafactor")
+_FLAT = _torch_optimizers("LBFGS")
+
+
+def _expected_state_shape(
+    kind: type, name: str, param: tuple[int, ...], total: int
+) -> tuple[int, ...] | None:
+    """The shape a ``torch.optim`` optimizer gives state ``name`` of a parameter; None: unknown.
+
+    Only exact ``torch.optim`` classes are judged (a subclass may keep other state). Scalars
+    (``step``, ASGD's ``eta``/``mu``, NAdam's ``mu_product``) are 0-d and never compared;
+    ``step`` is skipped by name too (torch 1.12 kept a capturable ``step`` of shape ``(1,)``).
+    """
+    if kind in _FLAT:
+        return (total,)  # LBFGS: one flat history over all parameters, kept at the first
+    if kind in _FACTORED:
+        factored = {
+            "row_var": (*param[:-1], 1),
+            "col_var": (*param[:-2], 1, *param[-1:]),
+            "variance": param,
+        }
+        return factored.get(name)
+    return param if kind in _PARAM_SHAPED and name != "step" else None
+
+
+def _optimizer_shape_problems(
+    optimizer: torch.optim.Optimizer, groups: list[Any], saved_state: dict[Any, Any]
+) -> list[tuple[Any, str, tuple[int, ...], tuple[int, ...]]]:
+    """Return ``(saved param id, state name, saved shape, expected shape)`` for each misfit.
+
+    Saved parameter ids are matched to the optimizer's parameters group by group, as
+    ``Optimizer.load_state_dict`` does. Where that pairing is not the parameters' own (FSDP1's
+    flat parameters) nothing is compared. Optimizers other than the ``torch.optim`` ones are
+    compared with the state this optimizer already holds for the same parameter, if any.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    own_sizes = [len(group["params"]) for group in optimizer.param_groups]
+    if own_sizes != [len(g.get("params", ())) for g in groups] or any(
+        getattr(p, "_fsdp_flattened", False) for p in params
+    ):
+        return []
+    pairing = dict(zip((i for g in groups for i in g["params"]), params, strict=True))
+    # LBFGS's flat vectors count a complex parameter twice (it views them as real)
+    total = sum(p.numel() * (2 if p.is_complex() else 1) for p in params)
+    kind = type(optimizer)
+    known = kind in _PARAM_SHAPED | _FACTORED | _FLAT
+    bad = []
+    for index, param in pairing.items():  # in parameter order
+        entries = saved_state.get(index)
+        if not isinstance(entries, dict):
+            continue
+        param_shape, current = tuple(shape_of(param) or ()), optimizer.state.get(param, {})
+        for name, saved in sorted(entries.items(), key=lambda item: str(item[0])):
+            saved_shape = shape_of(saved)
+            if not saved_shape:  # not a tensor, or a scalar
+                continue
+            expected = (
+                _expected_state_shape(kind, name, param_shape, total)
+                if known
+                else shape_of(current.get(name)) or None  # unknown kinds: vs their own state
+            )
+            if expected is not None and saved_shape != expected:
+                bad.append((index, str(name), saved_shape, expected))
+    return bad
 
 
 def _same_layout(saved: object, target: object) -> bool:
@@ -318,34 +419,68 @@ def plan_restore(
 ) -> RestorePlan:
     """Check that ``checkpoint`` fits ``state`` and plan the restore; change nothing.
 
+    Every entry is checked before anything is raised, and one error lists every problem of
+    every entry, sorted by state key: requested keys the checkpoint lacks (``strict``), module
+    keys and shapes (``strict``), module entries that are not state dicts, and optimizer
+    structure and state shapes. An optimizer whose saved state does not fit its parameters is
+    refused with ``strict=False`` too: half an optimizer state cannot be resumed from, and
+    quietly keeping fresh moments while the model loads would resume a different run.
+
     Raises:
-        MissingKeysError: ``strict`` and some keys of ``state`` are not in the checkpoint.
+        MissingKeysError: ``strict`` and some keys of ``state`` are not in the checkpoint (the
+            message lists the other entries' problems too).
         StateMismatchError: an entry does not fit its object (``strict`` module keys or shapes,
-            optimizer structure, a module whose checkpoint entry is not a state dict).
+            optimizer structure or state shapes, a module whose checkpoint entry is not a state
+            dict).
     """
-    if strict:
-        check_requested_keys(path, list(state), checkpoint)
     entries: dict[str, EntryReport] = {}
     module_dicts: dict[str, StateDict] = {}
     bindings: list[Binding] = []
+    problems: list[tuple[str, str]] = []
     for key, obj in state.items():
-        if key not in checkpoint:
+        if key not in checkpoint or not isinstance(obj, nn.Module | torch.optim.Optimizer):
             continue
-        value = checkpoint[key]
-        if isinstance(obj, nn.Module):
-            target = target_of(obj)
-            module_dicts[key], entries[key], found = _module_entry(key, target, value, strict, path)
-            bindings += found
-        elif isinstance(obj, torch.optim.Optimizer):
-            bindings += _optimizer_entry(key, obj, value, path, group_sizes(obj))
+        try:
+            if isinstance(obj, nn.Module):
+                loadable, entry, found = _module_entry(key, target_of(obj), checkpoint[key])
+                module_dicts[key], entries[key] = loadable, entry
+                if strict and entry:
+                    problems.append((key, _module_problem(key, entry)))
+            else:
+                found = _optimizer_entry(key, obj, checkpoint[key], group_sizes(obj))
+        except (_Unfit, StateMismatchError) as err:  # a hook may refuse with its own error
+            problems.append((key, str(err)))
+            continue
+        bindings += found
+    missing = sorted(k for k in state if k not in checkpoint)
+    _raise_problems(path, strict, missing, list(checkpoint), sorted(problems))
     report = LoadReport(
         path=path,
         strict=strict,
         entries=entries,
-        missing_entries=tuple(sorted(k for k in state if k not in checkpoint)),
+        missing_entries=tuple(missing),
         remainder_keys=tuple(k for k in checkpoint if k not in state),
     )
     return RestorePlan(state, checkpoint, strict, report, module_dicts, bindings)
+
+
+def _raise_problems(
+    path: str,
+    strict: bool,
+    missing: list[str],
+    available: list[str],
+    problems: list[tuple[str, str]],
+) -> None:
+    """Raise one error naming every problem: ``MissingKeysError`` if keys are missing."""
+    sentences = [text for _, text in problems]
+    if strict and missing:
+        others = f" Also: {' '.join(sentences)}" if sentences else ""
+        raise MissingKeysError(
+            f"{path}: the checkpoint lacks the requested keys {missing} "
+            f"(it holds {sorted(available)}). Pass strict=False to load the rest.{others}"
+        )
+    if sentences:
+        raise StateMismatchError(f"{path}: {' '.join(sentences)}")
 
 
 def restore_module(module: nn.Module, state_dict: StateDict) -> None:
@@ -375,53 +510,163 @@ def apply_restore(
 
     ``accepted`` holds ``id(binding.source)`` of bindings whose data ``fill_targets`` writes
     straight into the target; those targets replace the checkpoint tensors, so nothing is
-    copied twice. User ``Stateful`` objects are restored first, since they are the ones that
-    may still refuse (and are rolled back if one does); only then are targets filled and
-    modules, optimizers and values restored.
+    copied twice.
+
+    All or nothing, without a copy of the state: everything that may refuse runs before the
+    targets are filled. User ``Stateful`` objects are restored first (and put back from a copy
+    of their state dicts if anything here refuses). Then every module and optimizer
+    *rehearses* its load, which is undone at once: a module's ``load_state_dict`` runs on its
+    own parameters and buffers (a copy onto itself, which copies nothing) with the checkpoint's
+    extra state, so load hooks, ``set_extra_state`` and custom loaders refuse now; an
+    optimizer's ``load_state_dict`` runs on the checkpoint's entry and its previous ``state``
+    and ``param_groups`` are put back (its bound tensors are not filled yet, so nothing else
+    changed). Only then are the targets filled, modules and optimizers loaded and plain values
+    replaced. What can still fail after that is the reading itself, or a hook that accepted
+    the rehearsal but refuses the real bytes. FSDP1 modules and optimizers over sharded or
+    flattened parameters are not rehearsed (their setters are DCP's collectives).
     """
     for binding in plan.bindings:
         if id(binding.source) in accepted:
             binding.container[binding.key] = binding.target
     state, checkpoint = plan.state, plan.checkpoint
     present = [key for key in state if key in checkpoint]
-    users = [key for key in present if _restore_rank(state[key]) == 0]
-    _restore_user_objects(state, checkpoint, users)
+    modules = [key for key in present if isinstance(state[key], nn.Module)]
+    optimizers = [key for key in present if isinstance(state[key], torch.optim.Optimizer)]
+    users = [k for k in present if is_stateful(state[k]) and k not in modules + optimizers]
+    undo: list[Callable[[], None]] = []
+    try:
+        _restore_user_objects(state, checkpoint, users, undo)
+        for key in modules:
+            _rehearse_module(state[key], plan.module_dicts[key])
+        for key in optimizers:
+            _rehearse_optimizer(state[key], checkpoint[key])
+    except BaseException:
+        for step in reversed(undo):
+            step()
+        raise
     fill_targets()
+    for key in modules:
+        load_module(state[key], plan.module_dicts[key])
+    for key in optimizers:
+        optimizer = state[key]
+        load_optimizer(optimizer, checkpoint[key], owner_module(optimizer, state))
     for key in present:
-        obj = state[key]
-        if key in users:
-            continue
-        if isinstance(obj, nn.Module):
-            load_module(obj, plan.module_dicts[key])
-        elif isinstance(obj, torch.optim.Optimizer):
-            load_optimizer(obj, checkpoint[key], owner_module(obj, state))
-        else:
+        if not is_stateful(state[key]):
             state[key] = checkpoint[key]
     if not plan.report.clean:
         log.warning("%s", plan.report)
     return {key: value for key, value in checkpoint.items() if key not in state}
 
 
-def _restore_user_objects(state: State, checkpoint: Checkpoint, keys: list[str]) -> None:
-    """Restore user ``Stateful`` objects; if one refuses, put the ones before it back."""
-    done: list[tuple[Stateful, dict[str, Any]]] = []
+def _restore_user_objects(
+    state: State, checkpoint: Checkpoint, keys: list[str], undo: list[Callable[[], None]]
+) -> None:
+    """Restore user ``Stateful`` objects, each with an undo step from a copy of its state."""
     for key in keys:
         obj = state[key]
         backup = copy.deepcopy(obj.state_dict())
         try:
             obj.load_state_dict(checkpoint[key])
-        except Exception:
-            for restored, previous in reversed(done):
-                restored.load_state_dict(previous)
+        except BaseException:
             obj.load_state_dict(backup)
             raise
-        done.append((obj, backup))
+        undo.append(functools.partial(obj.load_state_dict, backup))
 
 
-def _restore_rank(obj: object) -> int:
-    if isinstance(obj, nn.Module | torch.optim.Optimizer):
-        return 1
-    return 0 if is_stateful(obj) else 2
+def _rehearse_module(module: nn.Module, state_dict: StateDict) -> None:
+    """Run ``module``'s ``load_state_dict`` on its own tensors and the checkpoint's extra state.
+
+    Loading a parameter or buffer from itself copies nothing (``copy_`` of a tensor onto
+    itself returns at once), so no tensor changes; the load hooks and ``set_extra_state`` run,
+    and the previous extra state (small by nature) is put back afterwards.
+    """
+    inner = unwrap_module(module)
+    if any(isinstance(m, FullyShardedDataParallel) for m in inner.modules()):
+        return  # its state_dict and load_state_dict are collectives
+    own = inner.state_dict(keep_vars=True)
+    rehearsal = {
+        name: value
+        if name.endswith(_EXTRA_STATE_SUFFIX) or not isinstance(own[name], torch.Tensor)
+        else own[name]
+        for name, value in state_dict.items()
+        if name in own
+    }
+    extra = [
+        (m, copy.deepcopy(m.get_extra_state()))
+        for m in inner.modules()
+        if type(m).get_extra_state is not nn.Module.get_extra_state
+        and type(m).set_extra_state is not nn.Module.set_extra_state
+    ]
+    try:
+        inner.load_state_dict(rehearsal, strict=False)
+    except BaseException:
+        _put_extra_state_back(extra, after_refusal=True)
+        raise
+    _put_extra_state_back(extra, after_refusal=False)
+
+
+def _put_extra_state_back(extra: list[tuple[nn.Module, Any]], *, after_refusal: bool) -> None:
+    """Give each submodule its previous extra state again, where the rehearsal changed it."""
+    for submodule, previous in extra:
+        _put_back_one(submodule, previous, after_refusal=after_refusal)
+
+
+def _put_back_one(submodule: nn.Module, previous: Any, *, after_refusal: bool) -> None:
+    try:
+        if not _same_value(submodule.get_extra_state(), previous):
+            submodule.set_extra_state(previous)
+    except Exception:
+        if not after_refusal:
+            raise
+        # the refusal is what the caller sees; this one only explains a changed module
+        log.warning("could not put back the extra state of %s", type(submodule).__name__)
+
+
+def _same_value(a: object, b: object) -> bool:
+    """Exact equality of nested values (tensors bitwise); False where it cannot be told."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and bool(torch.equal(a, b))
+        )
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - an object whose == cannot answer counts as changed
+        return False
+
+
+def _rehearse_optimizer(optimizer: torch.optim.Optimizer, entry: object) -> None:
+    """Run ``optimizer.load_state_dict(entry)``, then put its previous state back.
+
+    Bound tensors are not filled yet and ``load_state_dict`` builds new ``state`` and
+    ``param_groups`` without writing into the old ones, so putting those back copies nothing.
+    Skipped where that is not known to hold (an optimizer with its own ``load_state_dict``)
+    or the strategy's setter is not ``load_state_dict`` over these parameters (entries keyed by
+    names, sharded or flattened parameters: DCP's setter).
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    groups = entry.get("param_groups") if isinstance(entry, dict) else None
+    if (
+        type(optimizer).load_state_dict is not torch.optim.Optimizer.load_state_dict
+        or not isinstance(entry, dict)
+        or not isinstance(groups, list)
+        or any(isinstance(p, str) for g in groups for p in g.get("params", ()))
+        or not all(_is_plain_tensor(p) and not getattr(p, "_fsdp_flattened", False) for p in params)
+    ):
+        return
+    state = optimizer.state
+    previous = optimizer.param_groups
+    try:
+        optimizer.load_state_dict(entry)
+    finally:
+        optimizer.__setstate__({"state": state, "param_groups": previous})
 
 
 def owner_module(optimizer: torch.optim.Optimizer, state: State) -> nn.Module | None:

@@ -245,6 +245,66 @@ def test_plan_raises_before_anything_changes_on_a_shape_mismatch():
         assert_states_equal(target[key], value)
 
 
+def test_strict_plan_lists_every_entry_problem_in_one_error_sorted():
+    """A missing key, two bad modules and a bad optimizer: one MissingKeysError names them all."""
+    source = {"ema": Tiny(), "model": Tiny(), "optimizer": None}
+    source["optimizer"] = torch.optim.SGD(source["model"].parameters(), lr=0.1)
+    checkpoint = checkpoint_of(source)
+    del checkpoint["model"]["fc1.bias"]
+    checkpoint["ema"]["fc2.weight"] = torch.zeros(3, 8)
+    del checkpoint["optimizer"]["param_groups"][0]["params"][-1]
+    target = {"optimizer": None, "model": Tiny(), "ema": Tiny(), "step": 0, "epoch": 1}
+    target["optimizer"] = torch.optim.SGD(target["model"].parameters(), lr=0.1)
+    before = {key: snapshot(value) for key, value in target.items()}
+
+    with pytest.raises(MissingKeysError) as info:
+        plan_restore("p.ckpt", target, checkpoint, strict=True)
+
+    err = info.value
+    assert isinstance(err, KeyError)
+    message = str(err)
+    assert message.startswith("p.ckpt: the checkpoint lacks the requested keys ['epoch', 'step']")
+    positions = [
+        message.index("['epoch', 'step']"),
+        message.index("state['ema']"),
+        message.index("state['model']"),
+        message.index("state['optimizer']"),
+    ]
+    assert positions == sorted(positions)
+    assert "fc2.weight: [3, 8] in checkpoint vs [2, 8]" in message
+    assert "missing ['fc1.bias']" in message
+    assert "sizes [6] but the checkpoint's have sizes [5]" in message
+    for key, value in before.items():
+        assert_states_equal(target[key], value)
+
+    # without the missing keys: a StateMismatchError naming every remaining problem
+    target = {key: target[key] for key in ("optimizer", "model", "ema")}
+    with pytest.raises(StateMismatchError) as info:
+        plan_restore("p.ckpt", target, checkpoint, strict=True)
+    assert not isinstance(info.value, KeyError)
+    message = str(info.value)
+    assert message.startswith("p.ckpt: state['ema'] does not match the checkpoint")
+    assert message.index("state['ema']") < message.index("state['model']")
+    assert message.index("state['model']") < message.index("state['optimizer']")
+
+
+def test_non_strict_plan_raises_only_for_what_strict_false_cannot_skip():
+    source = {"model": Tiny(), "other": Tiny()}
+    checkpoint = checkpoint_of(source)
+    del checkpoint["model"]["fc1.bias"]
+    checkpoint["other"] = [1, 2]
+    target = {"model": Tiny(), "other": Tiny(), "step": 0}
+
+    with pytest.raises(StateMismatchError) as info:
+        plan_restore("p.ckpt", target, checkpoint, strict=False)
+
+    message = str(info.value)
+    assert message == (
+        "p.ckpt: state['other'] is a module but the checkpoint holds a list there, "
+        "not a state dict."
+    )
+
+
 def test_plan_rejects_an_optimizer_over_other_parameters():
     source = make_state()
     checkpoint = checkpoint_of(source)
