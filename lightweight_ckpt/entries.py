@@ -165,7 +165,7 @@ def _open_file(
             raise CorruptCheckpointError(
                 f"{source.url}: damaged records: {'; '.join(problems)}. Use an earlier checkpoint."
             )
-    reader = torch_file.TorchFileReader(source, weights_only, None)
+    reader = torch_file.TorchFileReader(source, weights_only, None, mapped_storages=is_local)
     tree = reader.skeleton()
     if not is_local:
         reader.verify({})  # not local: read the tensors (and check them) here

@@ -7,12 +7,16 @@ what ``torch.load(path, weights_only=True)`` opens, with no trace of this librar
 Reading is staged so that a load is all-or-nothing and needs no extra memory:
 
 1. ``TorchFileReader.skeleton()`` reads the index and ``data.pkl`` (verified) and unpickles the
-   object tree with storages that are not yet read: on local disk, views of a private memory map
-   (like ``torch.load(mmap=True)``); elsewhere, allocated but unfilled.
-2. ``verify(bindings)`` checks the CRC32 of every record and fills the tree's own storages (local
-   data is already mapped; elsewhere it is read from the source). It writes nothing the caller
-   owns, and picks which *bindings* (the caller's parameters and optimizer moments, see
-   ``state.Binding``) it can honour.
+   object tree with storages that are allocated but not yet read (no page of them is touched).
+2. ``verify(bindings)`` checks the CRC32 of every record and fills the tree's own storages. It
+   writes nothing the caller owns, and picks which *bindings* (the caller's parameters and
+   optimizer moments, see ``state.Binding``) it can honour. On local disk a bound record is
+   hashed through a private memory map, its pages dropped as they are hashed; an unbound one
+   (a fresh optimizer's moments, a plain tensor value) is read into its storage piece by piece,
+   each piece hashed while still in the CPU cache. Nothing handed back is backed by the file
+   (``torch.load(mmap=True)`` hands back views of a private mapping: every page is faulted in
+   and copied on the first write, i.e. the first optimizer step, and a later in-place rewrite
+   of the file can change or truncate what was verified).
 3. ``fill()`` reads those records straight into their targets. The caller runs it only once
    everything else has been accepted, so a failed load changes nothing.
 
@@ -58,6 +62,7 @@ from lightweight_ckpt.formats.zip_records import (
     Record,
     check_crc,
     crc32,
+    crc_into,
     crc_of_map,
     crc_of_source,
     read_index,
@@ -83,14 +88,28 @@ def byte_view(storage: torch.UntypedStorage) -> memoryview:
 class TorchFileReader:
     """Read one torch zip checkpoint: ``skeleton()``, then ``verify()``, then ``fill()``."""
 
-    def __init__(self, source: Source, weights_only: bool, map_location: MapLocation) -> None:
+    def __init__(
+        self,
+        source: Source,
+        weights_only: bool,
+        map_location: MapLocation,
+        *,
+        mapped_storages: bool = False,
+    ) -> None:
+        """Prepare to read ``source``.
+
+        With ``mapped_storages``, a local file's tensors are views of a private memory map and
+        ``verify``/``fill`` are not needed to read them (tools that read one tensor at a time,
+        already checked by ``zip_records.verify_records``); loads leave it off.
+        """
         self.source = source
         self.weights_only = weights_only
         self.map_location = map_location
+        self._mapped_storages = mapped_storages
+        self._whole: torch.UntypedStorage | None = None
         self._records: dict[str, Record] = {}
         self._prefix = ""
         self._mapped: Any = None  # mmap.mmap for local files
-        self._whole: torch.UntypedStorage | None = None
         self._storages: dict[str, torch.UntypedStorage] = {}
         self._record_by_ptr: dict[int, Record] = {}
         self._chosen: dict[int, tuple[Record, torch.Tensor]] = {}
@@ -174,7 +193,7 @@ class TorchFileReader:
             raise CorruptCheckpointError(
                 f"{self.source.url}: storage {key} is missing or has the wrong size"
             )
-        if self._mapped is not None and nbytes:
+        if self._mapped_storages and self._mapped is not None and nbytes:
             if self._whole is None:
                 self._whole = torch.frombuffer(self._mapped, dtype=torch.uint8).untyped_storage()
             storage = self._whole[record.offset : record.offset + nbytes]
@@ -278,7 +297,7 @@ class TorchFileReader:
         names: Mapping[str, str] | None = None,
         release: set[str] | frozenset[str] = frozenset(),
     ) -> None:
-        """Check every record's CRC; fill unmapped storages from the source as we go."""
+        """Check every record's CRC; fill the tree's unbound storages from the source as we go."""
         names = names or {}
         by_record = {f"{self._prefix}data/{k}": s for k, s in self._storages.items()}
         if self._mapped is None:
@@ -287,12 +306,11 @@ class TorchFileReader:
 
         def verify(record: Record) -> None:
             storage = by_record.get(record.name)
-            if self._mapped is not None:
+            unbound = record.name not in release and not self._mapped_storages
+            if storage is not None and storage.nbytes() and unbound:
+                actual = crc_into(self.source, record, byte_view(storage))
+            elif self._mapped is not None:
                 actual = crc_of_map(self._mapped, record, release=record.name in release)
-            elif storage is not None and storage.nbytes():
-                view = byte_view(storage)
-                self.source.readinto_at(record.offset, view)
-                actual = crc32(view, 0)
             else:
                 actual = crc_of_source(
                     self.source, record, bytearray(min(record.size, _BOUNCE_BYTES) or 1)
