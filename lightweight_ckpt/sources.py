@@ -22,6 +22,7 @@ import contextlib
 import io
 import mmap
 import os
+import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
@@ -90,8 +91,17 @@ def _preadv(fd: int, buffer: memoryview, offset: int) -> int:
 class _LocalSource:
     def __init__(self, url: str, path: str) -> None:
         self.url = url
-        self._fd = os.open(path, os.O_RDONLY)
-        self.size = os.fstat(self._fd).st_size
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
+        self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        status = os.fstat(self._fd)
+        if not stat.S_ISREG(status.st_mode):
+            os.close(self._fd)
+            raise InvalidCheckpointError(
+                f"{url}: not a regular file ({_file_kind(status.st_mode)}); a checkpoint is a "
+                "file, or a directory for a sharded checkpoint."
+            )
+        os.set_blocking(self._fd, True)
+        self.size = status.st_size
 
     def read_at(self, offset: int, size: int) -> bytes:
         return os.pread(self._fd, size, offset)
@@ -115,6 +125,11 @@ class _LocalSource:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+def _file_kind(mode: int) -> str:
+    kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a device"}
+    return next((name for test, name in kinds.items() if test(mode)), "not a file")
 
 
 class _PositionalStream:

@@ -18,10 +18,14 @@ Two more methods have default bodies, so subclasses never need them:
 from __future__ import annotations
 
 import concurrent.futures
+import inspect
+import os
 import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
+
+import fsspec
 
 from lightweight_ckpt.formats import dcp_dir
 from lightweight_ckpt.storage import Location, call_with_retries, resolve
@@ -243,7 +247,14 @@ class CheckpointIO(ABC):
     # -- sharded checkpoints (a directory, one piece per rank; see formats.dcp_dir) -----------
 
     def is_sharded(self, path: StrPath, storage_options: StorageOptions | None = None) -> bool:
-        """Return True if ``path`` holds a sharded checkpoint (a directory)."""
+        """Return True if ``path`` holds a sharded checkpoint (a directory).
+
+        A path whose scheme fsspec does not know is a user IO's own (``kv://...``): only that
+        IO's ``load_checkpoint`` can read it, so it is not a sharded directory.
+        """
+        protocol, _ = fsspec.core.split_protocol(os.fspath(path))
+        if protocol is not None and protocol not in fsspec.available_protocols():
+            return False
         location = self.locate(path, storage_options)
         return call_with_retries(location.url, "reading", lambda: dcp_dir.is_sharded(location))
 
@@ -313,6 +324,12 @@ class CheckpointIO(ABC):
     ) -> CheckpointReader:
         """Open ``path`` for a two-phase load; by default through ``load_checkpoint``."""
         if storage_options is not None:
+            if not _takes_storage_options(self.load_checkpoint):
+                raise TypeError(
+                    f"{os.fspath(path)}: storage_options were given, but "
+                    f"{type(self).__name__}.load_checkpoint takes no storage_options argument. "
+                    "Add one to it, or give the options to the IO itself."
+                )
             loaded = self.load_checkpoint(  # type: ignore[call-arg]
                 path,
                 map_location=map_location,
@@ -324,3 +341,11 @@ class CheckpointIO(ABC):
                 path, map_location=map_location, weights_only=weights_only
             )
         return LoadedReader(loaded)
+
+
+def _takes_storage_options(method: Callable[..., Any]) -> bool:
+    """Whether a (user's) ``load_checkpoint`` accepts ``storage_options=``."""
+    parameters = inspect.signature(method).parameters.values()
+    return any(
+        p.name == "storage_options" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters
+    )

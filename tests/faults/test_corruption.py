@@ -7,6 +7,7 @@ directory), never by mocking the reader.
 
 from __future__ import annotations
 
+import os
 import struct
 import zipfile
 from pathlib import Path
@@ -303,6 +304,19 @@ def test_directory_where_a_file_is_expected(tmp_path: Path, contents: list[str])
     before = snapshot(model)
     with pytest.raises(InvalidCheckpointError):
         Fabric().load_raw(path, model)
+    assert_states_equal(model, before)
+
+
+@pytest.mark.timeout(30)
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    """Opening a FIFO for reading blocks until someone writes: a load must refuse it instead."""
+    path = tmp_path / "pipe.ckpt"
+    os.mkfifo(path)
+    model = Tiny()
+    before = snapshot(model)
+    with pytest.raises(InvalidCheckpointError, match="FIFO") as excinfo:
+        Fabric().load(path, {"model": model})
+    assert str(path) in str(excinfo.value)
     assert_states_equal(model, before)
 
 
