@@ -30,13 +30,16 @@ from fsspec.implementations.local import LocalFileSystem
 from lightweight_ckpt.errors import CorruptCheckpointError
 from lightweight_ckpt.formats.ranges import crc32_combine
 from lightweight_ckpt.formats.zip_records import Record, crc32, crc_of_map, crc_of_source
-from lightweight_ckpt.storage import Location, open_source
+from lightweight_ckpt.storage import Location, call_with_retries, open_source
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Mapping
+    from contextlib import AbstractContextManager
 
     from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
     from torch.distributed.checkpoint.storage import WriteResult
+
+    from lightweight_ckpt.storage import Sink
 
 MARKER = "lightweight_ckpt.crc32/1"
 """In ``Metadata.storage_meta.modules``: every piece of this checkpoint has a checksum record."""
@@ -88,16 +91,47 @@ class ChecksummedStream:
         return getattr(self._stream, name)
 
 
+class _UploadStream:
+    """A piece's staged upload as DCP's stream: DCP closes it inside the block, we commit after."""
+
+    def __init__(self, sink: Sink) -> None:
+        self._sink = sink
+
+    def write(self, data: Any) -> int:
+        """Write ``data`` into the upload."""
+        return self._sink.write(data)
+
+    def tell(self) -> int:
+        """Return the number of bytes written so far."""
+        return self._sink.tell()
+
+    def flush(self) -> None:
+        """Push buffered bytes down (full parts are already on their way)."""
+        self._sink.flush()
+
+    def close(self) -> None:
+        """Do nothing: the upload commits when the stream's block exits cleanly."""
+
+
 class ChecksumRecorder:
     """Wrap DCP's ``FileSystem``: every stream opened for writing records its chunks' CRCs.
 
     ``reuse(path)``: an existing file moved to ``path`` and opened for an in-place overwrite,
     or None (then a fresh file is written); closing it cuts it where the writes stopped.
+    ``upload(path)``: a staged write of ``path`` (``storage.staged_write``), used instead of
+    DCP's ``fs.open`` for every piece and record: committed when the block exits cleanly,
+    discarded (an aborted upload) when it raises.
     """
 
-    def __init__(self, fs: Any, reuse: Callable[[str], IO[bytes] | None] | None = None) -> None:
+    def __init__(
+        self,
+        fs: Any,
+        reuse: Callable[[str], IO[bytes] | None] | None = None,
+        upload: Callable[[str], AbstractContextManager[Sink]] | None = None,
+    ) -> None:
         self.inner = fs
         self._reuse = reuse
+        self.upload = upload
         self._lock = threading.Lock()  # DCP may write pieces from several threads
         self.streams: dict[str, ChecksummedStream] = {}
         self.reused: list[str] = []
@@ -105,6 +139,10 @@ class ChecksumRecorder:
     @contextlib.contextmanager
     def create_stream(self, path: Any, mode: str) -> Iterator[Any]:
         """Open ``path``; a stream for writing records its chunks' CRCs."""
+        if "w" in mode and self.upload is not None:
+            with self.upload(os.fspath(path)) as sink:
+                yield self._recorded(path, _UploadStream(sink))
+            return
         reused = self._reuse(os.fspath(path)) if self._reuse and "w" in mode else None
         if reused is not None:
             with reused:  # closing it drops the old file's tail
@@ -162,7 +200,8 @@ def write_records(recorder: ChecksumRecorder, root: Any, results: Iterable[Write
     for relative, ranges in items.items():
         path = os.fspath(recorder.concat_path(root, relative))
         data = json.dumps(_record(recorder, path, ranges)).encode()
-        with recorder.inner.create_stream(record_path(path), "wb") as sink:
+        opener = recorder.upload or (lambda name: recorder.inner.create_stream(name, "wb"))
+        with opener(record_path(path)) as sink:
             sink.write(data)
         written += [path, record_path(path)]
     if isinstance(recorder.fs, LocalFileSystem):  # object stores: durable once closed
@@ -208,18 +247,22 @@ _PARSED_LOCK = threading.Lock()
 def read_record(location: Location, relative: str) -> dict[str, Any]:
     """Return the checksum record of the piece at ``relative`` (to the checkpoint's root).
 
+    Remote reads are retried on transient faults.
+
     Raises:
         CorruptCheckpointError: the record is missing or unreadable.
+        CheckpointReadError: the store failed for good (after retries), or refused access.
     """
     path = record_path(posixpath.join(location.path, relative))
     try:
-        info = location.fs.info(path)
+        info = call_with_retries(location.url, "reading", lambda: location.fs.info(path))
         stamp = info.get("mtime", info.get("ETag", info.get("LastModified", info.get("created"))))
         key = (location.protocol, path, str(info.get("size")), str(stamp))
         if stamp is not None and key in _PARSED:
             return _PARSED[key]
-        with location.fs.open(path, "rb") as file:
-            record = json.loads(file.read())
+        record = json.loads(
+            call_with_retries(location.url, "reading", lambda: _read(location, path))
+        )
         rows = {int(offset): (int(length), int(crc)) for offset, length, crc in record["items"]}
         parsed = {"size": int(record["size"]), "items": rows}
     except FileNotFoundError as err:
@@ -237,6 +280,11 @@ def read_record(location: Location, relative: str) -> dict[str, Any]:
                 _PARSED.pop(next(iter(_PARSED)))
             _PARSED[key] = parsed
     return parsed
+
+
+def _read(location: Location, path: str) -> bytes:
+    with location.fs.open(path, "rb") as file:
+        return bytes(file.read())
 
 
 def check_items(location: Location, relative: str, wanted: list[tuple[str, int, int]]) -> list[str]:

@@ -29,7 +29,7 @@ import pickle
 import posixpath
 import traceback
 import warnings
-from typing import IO, TYPE_CHECKING, Any, cast
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
@@ -59,7 +59,16 @@ from lightweight_ckpt.errors import (
     StateMismatchError,
 )
 from lightweight_ckpt.formats import dcp_checksums, dcp_reader, dcp_staging, dcp_versions
-from lightweight_ckpt.storage import Location, call_with_retries, resolve, staged_write
+from lightweight_ckpt.storage import (
+    Location,
+    Sink,
+    call_with_retries,
+    classify_failure,
+    resolve,
+    staged_write,
+    storage_error,
+    write_with_retries,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -124,7 +133,13 @@ class _VersionedWriter(FsspecWriter):
                     posixpath.join(folder, posixpath.basename(piece)), piece
                 )
 
-        self.fs: Any = dcp_checksums.ChecksumRecorder(self.fs, reuse)
+        upload = None
+        if self._remote:  # our staged uploads (parallel parts, aborted on failure), not fs.open
+
+            def upload(target: str) -> contextlib.AbstractContextManager[Sink]:
+                return staged_write(resolve(target, storage_options))
+
+        self.fs: Any = dcp_checksums.ChecksumRecorder(self.fs, reuse, upload)
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         """Skip DCP's mkdir and ``.metadata`` probe: ``prepare`` made the version folder."""
@@ -140,8 +155,10 @@ class _VersionedWriter(FsspecWriter):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         """Write this rank's pieces and their checksum records, durably (before any commit).
 
-        On object stores each is retried on transient faults: nothing names this version yet,
-        so writing a piece or a record again is safe (``dcp_remote``).
+        Elsewhere than on local disk each piece and record is a ``storage.staged_write``: on
+        S3 and GCS a multipart upload of parallel parts with bounded memory and a progress bar,
+        published when whole and aborted on failure. The rank's pieces are retried as a whole
+        on transient faults: nothing names this version yet, so writing them again is safe.
         """
         if not self._remote:
             written = super().write_data(plan, planner)
@@ -171,8 +188,12 @@ class _VersionedWriter(FsspecWriter):
         metadata.storage_data = {r.index: r.storage_data for rank in results for r in rank}
         metadata.storage_meta = self.storage_meta()
         target = resolve(posixpath.join(self._url, METADATA), self._storage_options)
-        with staged_write(target) as sink:
-            pickle.dump(metadata, cast("IO[bytes]", sink), protocol=pickle.HIGHEST_PROTOCOL)
+        data = pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
+        write_with_retries(target, lambda sink: _write_all(sink, data))
+
+
+def _write_all(sink: Sink, data: bytes) -> None:
+    sink.write(data)
 
 
 def write(
@@ -202,6 +223,9 @@ def _translate(url: str, err: CheckpointException, writing: bool) -> Exception:
     for failure in failures:
         if isinstance(failure, CheckpointError):
             return failure
+    for failure in failures:  # a store that failed (after retries), not damaged bytes
+        if isinstance(failure, BaseException) and classify_failure(failure) is not None:
+            return storage_error(url, "writing" if writing else "reading", failure)
     ranks = sorted(getattr(err, "failures", {}))
     detail = "; ".join(f"{type(f).__name__}: {f}" for f in failures) or str(err)
     if writing:
@@ -226,8 +250,9 @@ def read_metadata(location: Location, storage_options: Any) -> Metadata:
     dcp_versions.settle(location)  # a removal of replaced versions running here ends first
     if not location.is_local:  # another process may have committed since this fs listed it
         location.fs.invalidate_cache(location.path)
-    if not location.fs.exists(posixpath.join(location.path, METADATA)):
-        entries = location.fs.ls(location.path, detail=False)
+    fs, url = location.fs, location.url
+    if not call_with_retries(url, "reading", lambda: fs.exists(_metadata_path(location))):
+        entries = call_with_retries(url, "reading", lambda: fs.ls(location.path, detail=False))
         names = [posixpath.basename(entry.rstrip("/")) for entry in entries]
         if any(name.startswith(VERSION_PREFIX) for name in names):
             raise CheckpointNotFoundError(
@@ -251,6 +276,10 @@ def read_metadata(location: Location, storage_options: Any) -> Metadata:
             location.url,
         )
     return metadata
+
+
+def _metadata_path(location: Location) -> str:
+    return posixpath.join(location.path, METADATA)
 
 
 def top_level_keys(metadata: Metadata) -> dict[str, list[str]]:
@@ -439,20 +468,45 @@ def read_values(
 def check_pieces(
     location: Location, storage_options: Any, metadata: Metadata | None = None
 ) -> list[str]:
-    """Return problems with the pieces ``.metadata`` names: missing or shorter than needed."""
+    """Return problems with the pieces ``.metadata`` names: missing or shorter than needed.
+
+    The sizes come from one listing per version folder (retried on transient faults).
+
+    Raises:
+        CheckpointReadError: the store failed for good (after retries), or refused access.
+    """
     metadata = metadata or read_metadata(location, storage_options)
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         end = int(info.offset) + int(info.length)
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    sizes: dict[str, int] = {}
+    for folder in sorted({posixpath.dirname(relative) for relative in needed}):
+        sizes.update(_sizes_in(location, folder))
     problems = []
     for relative, end in sorted(needed.items()):
-        piece = posixpath.join(location.path, relative)
-        if not location.fs.exists(piece):
+        size = sizes.get(relative)
+        if size is None:
             problems.append(f"{relative}: missing")
-        elif int(location.fs.size(piece)) < end:
-            problems.append(f"{relative}: truncated ({location.fs.size(piece)} < {end} bytes)")
+        elif size < end:
+            problems.append(f"{relative}: truncated ({size} < {end} bytes)")
     return problems
+
+
+def _sizes_in(location: Location, folder: str) -> dict[str, int]:
+    """``{path relative to the checkpoint: size}`` of the files in one folder of it."""
+    fs, path = location.fs, posixpath.join(location.path, folder).rstrip("/")
+    if not location.is_local:
+        fs.invalidate_cache(path)
+    try:
+        entries = call_with_retries(location.url, "reading", lambda: fs.ls(path, detail=True))
+    except FileNotFoundError:
+        return {}
+    return {
+        posixpath.join(folder, posixpath.basename(entry["name"].rstrip("/"))): int(entry["size"])
+        for entry in entries
+        if entry.get("type") == "file"
+    }
 
 
 def require_pieces(location: Location, storage_options: Any, metadata: Metadata) -> None:

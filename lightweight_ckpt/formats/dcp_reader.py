@@ -27,6 +27,7 @@ import struct
 import sys
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -39,8 +40,10 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
 
+from lightweight_ckpt.config import settings
 from lightweight_ckpt.errors import UnsafeCheckpointError
 from lightweight_ckpt.formats import dcp_checksums, dcp_remote, dcp_versions
+from lightweight_ckpt.storage import call_with_retries
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -247,7 +250,12 @@ class SafeFileSystemReader(SafeReader):
 
 
 class SafeFsspecReader(SafeReader, FsspecReader):
-    """DCP's fsspec reader, made safe; whole items, retried, downloaded once (``dcp_remote``)."""
+    """DCP's fsspec reader, made safe; items verified in parallel streams, fetched once.
+
+    ``dcp_remote`` fetches and checks the items in ``prepare_local_plan`` and holds their bytes
+    (a local spool, or memory); ``read_data`` copies each tensor's data from there straight into
+    its target.
+    """
 
     _fetched: dcp_remote.FetchedItems | None = None
 
@@ -256,25 +264,63 @@ class SafeFsspecReader(SafeReader, FsspecReader):
             self._fetched = dcp_remote.FetchedItems(self.location)
         return self._fetched
 
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        """Read ``.metadata`` through the allowlist, retried on transient faults."""
+        if self.known_metadata is not None:
+            return self.known_metadata
+        read = super().read_metadata
+        return call_with_retries(self.location.url, "reading", lambda: read(*args, **kwargs))
+
     def verify(self, items: list[tuple[Any, Any]]) -> None:
-        """Fetch and check every item (kept for ``read_data`` within a memory budget)."""
+        """Fetch and check every item, held for ``read_data`` (a spool, or memory)."""
         self._items().verify(items)
 
+    def release(self) -> None:
+        """Drop the verified bytes this reader holds."""
+        if self._fetched is not None:
+            self._fetched.release()
+
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        """Read every item of ``plan``, each with one retried ranged read (or the kept copy).
+        """Read every item of ``plan``: tensors straight into their targets, on ``io_threads``.
 
         Non-tensor values first: one that ``weights_only`` refuses fails before any tensor is
         written.
         """
         items = self._items()
-        ordered = sorted(plan.items, key=lambda item: item.type != LoadItemType.BYTE_IO)
-        for request in ordered:
+        values = [item for item in plan.items if item.type == LoadItemType.BYTE_IO]
+        for request in values:
             info = self.storage_data[request.storage_index]
             data = items.take(info.relative_path, int(info.offset), int(info.length))
             dcp_remote.read_item(request, info, data, planner, self.transforms)
-        done: Future[None] = Future()
-        done.set_result(None)
-        return done
+        tensors = [item for item in plan.items if item.type != LoadItemType.BYTE_IO]
+        if tensors:
+            threads = max(1, min(settings().io_threads, len(tensors)))
+            with ThreadPoolExecutor(threads, thread_name_prefix="lwckpt-fill") as pool:
+                for done in [pool.submit(self._read_tensor, items, r, planner) for r in tensors]:
+                    done.result()
+        finished: Future[None] = Future()
+        finished.set_result(None)
+        return finished
+
+    def _read_tensor(
+        self, items: dcp_remote.FetchedItems, request: ReadItem, planner: LoadPlanner
+    ) -> None:
+        info = self.storage_data[request.storage_index]
+        relative, offset, length = info.relative_path, int(info.offset), int(info.length)
+        held = items.held(relative, offset)
+        data = held if held is not None else items.take(relative, offset, length)
+        if not getattr(info, "transform_descriptors", None):
+            target = planner.resolve_tensor(request).detach()
+            try:
+                read_tensor_item(data, offset, length, request, target)
+            except _OffFastPathError:
+                pass  # DCP's own steps read it below
+            else:
+                planner.commit_tensor(request, target)
+                return
+        if isinstance(data, int):
+            data = items.take(relative, offset, length)
+        dcp_remote.read_item(request, info, data, planner, self.transforms)
 
 
 def reader_for(location: Location, storage_options: Any) -> SafeReader:
@@ -398,14 +444,54 @@ class _ItemUnpickler(pickle.Unpickler):
         return dtype, str(key), int(numel)
 
 
-def _pread(fd: int, size: int, offset: int) -> bytes:
-    data = os.pread(fd, size, offset)
-    if len(data) != size:
-        raise _OffFastPathError("short read")
-    return data
+class _ItemBytes:
+    """A stored item's bytes where ``read_tensor_item`` reads them: a file, or memory.
+
+    Offsets are the piece's: a file holds the item at its offset in the piece (the piece
+    itself, or a spool), memory holds the item alone (``base`` is its offset in the piece).
+    """
+
+    def __init__(self, fd: int | None = None, data: memoryview | None = None, base: int = 0):
+        self._fd = fd
+        self._data = data
+        self._base = base
+
+    def pread(self, size: int, offset: int) -> bytes:
+        if self._data is not None:
+            return bytes(self._slice(offset, size))
+        data = os.pread(self._require_fd(), size, offset)
+        if len(data) != size:
+            raise _OffFastPathError("short read")
+        return data
+
+    def readinto(self, offset: int, view: memoryview) -> None:
+        if self._data is not None:
+            view[:] = self._slice(offset, len(view))
+            return
+        fd, done = self._require_fd(), 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise _OffFastPathError("short read")
+            done += got
+
+    def _slice(self, offset: int, size: int) -> memoryview:
+        start = offset - self._base
+        if self._data is None or start < 0 or start + size > len(self._data):
+            raise _OffFastPathError("short read")
+        return self._data[start : start + size]
+
+    def _require_fd(self) -> int:
+        if self._fd is None:
+            raise _OffFastPathError("no file")
+        return self._fd
 
 
-def _records(fd: int, start: int, length: int) -> dict[str, tuple[int, int]]:
+def _pread(src: _ItemBytes, size: int, offset: int) -> bytes:
+    return src.pread(size, offset)
+
+
+def _records(fd: _ItemBytes, start: int, length: int) -> dict[str, tuple[int, int]]:
     """``{record name: (absolute offset of its bytes, size)}`` of the zip at ``start``."""
     if length < _EOCD.size:
         raise _OffFastPathError("too short")
@@ -427,7 +513,7 @@ def _records(fd: int, start: int, length: int) -> dict[str, tuple[int, int]]:
     return found
 
 
-def _record(fd: int, header: tuple[int, int]) -> tuple[int, int]:
+def _record(fd: _ItemBytes, header: tuple[int, int]) -> tuple[int, int]:
     """The absolute offset and size of a record's bytes, from its local header."""
     at, size = header
     signature, nlen, xlen = _LOCAL.unpack(_pread(fd, _LOCAL.size, at))
@@ -461,7 +547,7 @@ def _span(stored: _StoredTensor, offsets: Sequence[int], lengths: Sequence[int])
     return first, math.prod(lengths)
 
 
-def _describe(fd: int, start: int, length: int) -> tuple[_StoredTensor, int]:
+def _describe(fd: _ItemBytes, start: int, length: int) -> tuple[_StoredTensor, int]:
     """Describe the stored tensor of the ``torch.save`` archive at ``start``; where its data is."""
     records = _records(fd, start, length)
     prefix = next((n[: -len("data.pkl")] for n in records if n.endswith("data.pkl")), None)
@@ -488,32 +574,29 @@ def _describe(fd: int, start: int, length: int) -> tuple[_StoredTensor, int]:
     return stored, data_at
 
 
-def _read_into(fd: int, offset: int, sink: torch.Tensor) -> None:
-    """Fill the contiguous CPU tensor ``sink`` with the file's bytes at ``offset``."""
+def _read_into(src: _ItemBytes, offset: int, sink: torch.Tensor) -> None:
+    """Fill the contiguous CPU tensor ``sink`` with the item's bytes at ``offset``."""
     nbytes = sink.numel() * sink.element_size()
     if not nbytes:
         return
     view = memoryview((ctypes.c_char * nbytes).from_address(sink.data_ptr())).cast("B")
-    done = 0
-    while done < nbytes:
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got <= 0:
-            raise _OffFastPathError("short read")
-        done += got
+    src.readinto(offset, view)
 
 
 def read_tensor_item(
-    fd: int, start: int, length: int, request: ReadItem, target: torch.Tensor
+    fd: int | memoryview, start: int, length: int, request: ReadItem, target: torch.Tensor
 ) -> None:
-    """Read one stored tensor item straight from the piece into ``target`` (one copy).
+    """Read one stored tensor item straight into ``target`` (one copy).
 
-    ``fd``: the piece; ``start``/``length``: the item's bytes in it (already CRC-checked). The
+    ``fd``: the piece (or a spool holding the item at the same offset), or the item's own bytes
+    in memory; ``start``/``length``: the item's bytes in the piece (already CRC-checked). The
     item is one ``torch.save`` archive; its pickle is read as a description only.
 
     Raises:
         _OffFastPathError: anything unusual (then DCP's own path reads the item).
     """
-    stored, data_at = _describe(fd, start, length)
+    src = _ItemBytes(fd=fd) if isinstance(fd, int) else _ItemBytes(data=fd, base=start)
+    stored, data_at = _describe(src, start, length)
     first, count = _span(stored, request.storage_offsets, request.lengths)
     if first < 0 or first + count > stored.numel:
         raise _OffFastPathError("out of the storage")
@@ -521,6 +604,6 @@ def read_tensor_item(
         raise _OffFastPathError("target")
     direct = target.is_contiguous() and target.device.type == "cpu"
     sink = target if direct else torch.empty(tuple(request.lengths), dtype=stored.dtype)
-    _read_into(fd, data_at + first * stored.dtype.itemsize, sink)
+    _read_into(src, data_at + first * stored.dtype.itemsize, sink)
     if not direct:
         target.copy_(sink)

@@ -56,7 +56,8 @@ from concurrent.futures import Future
 from typing import IO, TYPE_CHECKING
 
 from lightweight_ckpt.config import settings
-from lightweight_ckpt.errors import CheckpointReadError, CheckpointWriteError
+from lightweight_ckpt.errors import CheckpointError, CheckpointReadError, CheckpointWriteError
+from lightweight_ckpt.storage import call_with_retries
 
 if TYPE_CHECKING:
     from lightweight_ckpt.storage import Location
@@ -85,15 +86,21 @@ def new_version() -> str:
 def prepare(location: Location, version: str) -> None:
     """Create the version folder on this rank's view of the filesystem.
 
-    A removal still running at this path (the previous save's) finishes first.
+    A removal still running at this path (the previous save's) finishes first. Remote calls
+    are retried on transient faults.
+
+    Raises:
+        CheckpointWriteError: a file is at the path, or the store failed for good.
     """
     settle(location)
-    if location.fs.isfile(location.path):
+    fs, url = location.fs, location.url
+    if call_with_retries(url, "writing", lambda: fs.isfile(location.path)):
         raise CheckpointWriteError(
             f"{location.url}: a single-file checkpoint is there; a sharded checkpoint is a "
             "directory. Choose another path or remove the file."
         )
-    location.fs.makedirs(posixpath.join(location.path, version), exist_ok=True)
+    folder = posixpath.join(location.path, version)
+    call_with_retries(url, "writing", lambda: fs.makedirs(folder, exist_ok=True))
 
 
 def _key(location: Location) -> tuple[str, str]:
@@ -234,9 +241,18 @@ def remove_stale_versions(location: Location, keep: str) -> None:
     (an object store deletes a folder's objects in one or two batched requests).
     """
     settle(location)
+    fs = location.fs
+    try:
+        listed = call_with_retries(
+            location.url, "reading", lambda: fs.ls(location.path, detail=False)
+        )
+    except CheckpointError as err:  # the save committed: leftovers are orphans for gc
+        log.warning("%s: could not list replaced version folders (%s); `python -m "
+                    "lightweight_ckpt gc` removes them later", location.url, err)  # fmt: skip
+        return
     stale = [
         entry
-        for entry in location.fs.ls(location.path, detail=False)
+        for entry in listed
         if posixpath.basename(entry.rstrip("/")).startswith(VERSION_PREFIX)
         and posixpath.basename(entry.rstrip("/")) != keep
     ]

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from lightweight_ckpt.errors import CheckpointError, CheckpointNotFoundError, InvalidCheckpointError
 from lightweight_ckpt.formats import dcp_dir
-from lightweight_ckpt.storage import Location, remove, resolve
+from lightweight_ckpt.storage import Location, call_with_retries, remove, resolve
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -66,15 +66,19 @@ def find_orphans(
         ValueError: ``older_than_s`` is negative.
         CheckpointNotFoundError: ``path`` does not exist.
         InvalidCheckpointError: ``path`` is a file.
+        CheckpointReadError: the store failed for good (after retries), or refused access.
     """
     if older_than_s < 0:
         raise ValueError(f"older_than_s must be >= 0, got {older_than_s}")
     root = resolve(path, storage_options)
-    if not root.fs.exists(root.path):
+    fs = root.fs
+    if not call_with_retries(path, "listing", lambda: fs.exists(root.path)):
         raise CheckpointNotFoundError(f"{path}: no such directory")
-    if not root.fs.isdir(root.path):
+    if not call_with_retries(path, "listing", lambda: fs.isdir(root.path)):
         raise InvalidCheckpointError(f"{path}: is a file; orphans are looked for in a directory")
-    entries: dict[str, dict[str, Any]] = root.fs.find(root.path, withdirs=True, detail=True)
+    entries: dict[str, dict[str, Any]] = call_with_retries(
+        path, "listing", lambda: fs.find(root.path, withdirs=True, detail=True)
+    )
     now = clock()
     found: list[Orphan] = []
     for name, info in sorted(entries.items()):
@@ -115,7 +119,8 @@ def _stale_version(scan: _Scan, folder: str, entries: dict[str, dict[str, Any]])
     root, path, now = scan.root, scan.path, scan.now
     checkpoint = posixpath.dirname(folder.rstrip("/"))
     location = Location(root.fs, checkpoint, _url(root, path, checkpoint))
-    if root.fs.exists(posixpath.join(checkpoint, dcp_dir.METADATA)):
+    metadata_path = posixpath.join(checkpoint, dcp_dir.METADATA)
+    if call_with_retries(path, "listing", lambda: root.fs.exists(metadata_path)):
         try:
             metadata = dcp_dir.read_metadata(location, scan.storage_options)
         except CheckpointError:
