@@ -66,12 +66,45 @@ class _Sent:
     dtype: torch.dtype
 
 
+STAGE_BYTES = 64 << 20
+"""Under a backend without CPU tensors (NCCL), ``broadcast_tree`` sends each tensor through a
+buffer of at most this many bytes on the current accelerator."""
+
+
+def staging_device() -> torch.device | None:
+    """Where ``broadcast_tree`` stages CPU tensors: None where the default group sends them.
+
+    Gloo (and MPI, UCC, a ``"cpu:gloo,cuda:nccl"`` group) sends CPU tensors itself; NCCL sends
+    only CUDA tensors, so they go through the current device (``torch.cuda.set_device``), a
+    bounded buffer at a time. We stage rather than create a gloo side group: no extra group to
+    create collectively and keep, and NCCL's links between GPUs and nodes are the fast ones.
+
+    Raises:
+        RuntimeError: the backend sends no CPU tensors and no accelerator is available.
+    """
+    backend = str(dist.get_backend())
+    if ":" in backend:  # per device type: "cpu:gloo,cuda:nccl"
+        devices = [entry.split(":", 1)[0] for entry in backend.split(",")]
+    else:
+        devices = list(dist.Backend.backend_capability.get(backend.lower(), ["cpu"]))
+    if "cpu" in devices:
+        return None
+    accelerator = torch.accelerator.current_accelerator()
+    if accelerator is None or accelerator.type not in devices:
+        raise RuntimeError(
+            f"the default process group's backend {backend!r} sends no CPU tensors and no "
+            f"{'/'.join(devices)} device is available to stage them through"
+        )
+    return torch.device(accelerator.type, torch.accelerator.current_device_index())
+
+
 def broadcast_tree(tree: Any, src: int = 0) -> Any:
     """Return rank ``src``'s ``tree`` (dicts, lists, tuples, CPU tensors, plain values) on all.
 
     The structure and plain values go as one pickled object; each tensor's bytes go by
-    ``dist.broadcast`` into a fresh tensor on the other ranks (a tensor that appears twice is
-    sent once and stays shared). Every rank ends up holding its own copy.
+    ``dist.broadcast`` into a fresh CPU tensor on the other ranks (a tensor that appears twice
+    is sent once and stays shared). Every rank ends up holding its own copy. Under NCCL the
+    bytes go through a bounded buffer on the current device (``staging_device``).
     """
     if not is_distributed() or world_size() == 1:
         return tree
@@ -82,13 +115,36 @@ def broadcast_tree(tree: Any, src: int = 0) -> Any:
     specs: dict[int, _Sent] = {}
     _map(skeleton, lambda spec: specs.setdefault(spec.index, spec))
     received = []
+    stage = staging_device()
     for index in range(len(specs)):
         spec = specs[index]
         tensor = sent[index] if global_rank() == src else torch.empty(spec.shape, dtype=spec.dtype)
         if tensor.numel():
-            dist.broadcast(tensor.contiguous().reshape(-1).view(torch.uint8), src=src)
+            tensor = tensor.contiguous()
+            broadcast_bytes(tensor.reshape(-1).view(torch.uint8), src, stage)
         received.append(tensor)
     return tree if global_rank() == src else _map(skeleton, lambda spec: received[spec.index])
+
+
+def broadcast_bytes(data: torch.Tensor, src: int, stage: torch.device | None) -> None:
+    """Broadcast the uint8 CPU tensor ``data`` from ``src`` in place, staged through ``stage``.
+
+    ``stage`` None: ``data`` itself is sent. Otherwise at most ``STAGE_BYTES`` at a time are
+    copied to one buffer on ``stage``, broadcast, and copied back on the receiving ranks.
+    """
+    if stage is None:
+        dist.broadcast(data, src=src)
+        return
+    sending = global_rank() == src
+    buffer = torch.empty(min(STAGE_BYTES, data.numel()), dtype=torch.uint8, device=stage)
+    for start in range(0, data.numel(), buffer.numel()):
+        piece = data[start : start + buffer.numel()]
+        chunk = buffer[: piece.numel()]
+        if sending:
+            chunk.copy_(piece)
+        dist.broadcast(chunk, src=src)
+        if not sending:
+            piece.copy_(chunk)
 
 
 def _send(tensor: torch.Tensor, sent: list[torch.Tensor], seen: dict[int, _Sent]) -> _Sent:

@@ -3,7 +3,8 @@
     run_distributed(body, world_size=2, tmp_path=tmp_path, args=(...))
 
 ``body(rank, world_size, *args)`` is a module-level function (picklable for spawn). Each process
-initializes the default process group, runs the body and destroys the group. The first failing
+initializes the default process group, runs the body and destroys the group. ``backend="nccl"``
+(tests marked ``gpu``) gives rank ``r`` the CUDA device ``r``. The first failing
 rank's traceback is re-raised in the test, naming the rank. Nothing is mocked.
 """
 
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from lightweight_ckpt.formats import dcp_versions
@@ -32,11 +34,14 @@ def _entry(  # noqa: PLR0917 - a Process target takes positional arguments
     store_file: str,
     args: tuple[Any, ...],
     errors: Any,
+    backend: str,
 ) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"file://{store_file}",
             rank=rank,
             world_size=world_size,
@@ -61,13 +66,15 @@ def run_distributed(
     tmp_path: Path,
     args: tuple[Any, ...] = (),
     timeout_s: float = TIMEOUT_S,
+    *,
+    backend: str = "gloo",
 ) -> None:
     """Run ``body(rank, world_size, *args)`` on ``world_size`` spawned processes; fail on any."""
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     store_file = str(tmp_path / f"pg-store-{os.getpid()}-{id(body)}")
     procs = [
-        ctx.Process(target=_entry, args=(body, rank, world_size, store_file, args, errors))
+        ctx.Process(target=_entry, args=(body, rank, world_size, store_file, args, errors, backend))
         for rank in range(world_size)
     ]
     for proc in procs:

@@ -193,3 +193,21 @@ def _broadcast_tree(rank: int, world_size: int) -> None:
 
 def test_broadcast_tree_gives_every_rank_rank0s_tensors_and_values(tmp_path: Path) -> None:
     run_distributed(_broadcast_tree, 2, tmp_path)
+
+
+def _broadcast_staged(rank: int, world_size: int) -> None:
+    from lightweight_ckpt import collectives
+
+    # the staged path NCCL takes, through a CPU buffer here: 10 pieces of 1000 bytes and a rest
+    collectives.STAGE_BYTES = 1000
+    data = torch.arange(10_500, dtype=torch.int64).view(torch.uint8)[:10_500].clone()
+    got = data.clone() if rank == 0 else torch.zeros_like(data)
+    assert rank == 0 or not torch.equal(got, data)
+    collectives.broadcast_bytes(got, 0, torch.device("cpu"))
+    assert torch.equal(got, data)
+    assert collectives.staging_device() is None  # gloo sends CPU tensors itself
+
+
+@pytest.mark.distributed
+def test_broadcast_bytes_staged_in_pieces(tmp_path: Path) -> None:
+    run_distributed(_broadcast_staged, 2, tmp_path)
