@@ -12,14 +12,17 @@ state dicts are produced and restored by overriding small hooks, never the pipel
 - ``read_shared``: who reads a single file (by default every rank; DDP: rank 0 for remote files,
   broadcast to the others).
 
-Save: check → agree on the path → collect (convert + filter) → ``write``; a failure on any rank
-raises on every rank.
+Save: check → agree on the path → collect (the hooks' state dicts first, in the state's order on
+every rank, then user objects and filters; agreed) → ``write``; a failure on any rank raises on
+every rank, and none is left inside a collective the others skipped (``steps``).
 
 Load, single file, in two steps agreed by every rank: (1) open a staged reader →
 ``plan_restore`` (checks everything, changes nothing) → ``verify`` (CRC32, fill the reader's own
-tensors); (2) only when every rank passed (1): ``apply_restore`` (user objects first, then
-``fill`` reads into the targets, then the rest). A damaged file or a mismatched state on one rank
-therefore changes no rank's state.
+tensors); (2) only when every rank passed (1): ``steps.restore`` (user objects and values; then
+``fill`` reads into the targets; then the module and optimizer setters, each an agreed step). A
+damaged file or a mismatched state on one rank therefore changes no rank's state. Where the hooks
+are collectives (FSDP), their views of the state are computed before (1), on every rank in the
+same order (``steps.StateViews``), so a rank failing its I/O never skips them.
 
 Ranks coordinate through two hooks, ``run_on_all_ranks`` and ``broadcast_object``
 (``torch.distributed`` through ``collectives`` by default; XLA replicas use their runtime).
@@ -27,8 +30,8 @@ Ranks coordinate through two hooks, ``run_on_all_ranks`` and ``broadcast_object`
 Load, sharded directory, in the same two agreed steps: (1) read the metadata → check keys and
 shapes → build a template from the hooks (sharded where the modules are) → plan this rank's DCP
 read and CRC-check every item it reads (``dcp_dir.plan_read``; no collective); (2) only when every
-rank passed (1): read the tensors into the template → ``apply_restore``. An IO that overrides
-``load_sharded`` gets its own collective read between the two steps instead.
+rank passed (1): read the tensors into the template and restore (``steps.restore``). An IO
+that overrides ``load_sharded`` gets its own collective read between the two steps instead.
 """
 
 from __future__ import annotations
@@ -38,7 +41,6 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast, final
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
 from lightweight_ckpt import collectives
 from lightweight_ckpt.errors import InvalidCheckpointError
@@ -49,7 +51,6 @@ from lightweight_ckpt.state import (
     RAW_KEY,
     LoadReport,
     RestorePlan,
-    apply_restore,
     check_requested_keys,
     collect,
     is_stateful,
@@ -60,6 +61,7 @@ from lightweight_ckpt.state import (
     to_state_dict,
     unwrap_module,
 )
+from lightweight_ckpt.strategies import steps
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -123,6 +125,9 @@ class Strategy:
     """
 
     map_location: MapLocation = "cpu"
+    collective_hooks: bool = False
+    """True where the state-dict hooks run collectives (FSDP): a load then computes every view
+    of the state up front, on every rank in the same order (``steps.StateViews.prepare``)."""
 
     def __init__(self, checkpoint_io: CheckpointIO | None = None) -> None:
         self.checkpoint_io: CheckpointIO = checkpoint_io or TorchCheckpointIO()
@@ -191,10 +196,15 @@ class Strategy:
         """Restore ``optimizer`` from a checked state dict."""
         restore_optimizer(optimizer, state_dict, module)
 
-    def _sizes(self, state: State) -> Callable[[torch.optim.Optimizer], list[int]]:
-        return lambda optimizer: self.optimizer_group_sizes(
-            optimizer, owner_module(optimizer, state)
-        )
+    def views(self, state: State) -> steps.StateViews:
+        """Return the hooks' views of ``state`` for one load (see ``steps.StateViews``).
+
+        Runs on every rank; with ``collective_hooks`` they are computed here, in one agreed step.
+        """
+        views = steps.StateViews(self, state)
+        if self.collective_hooks:
+            self.run_on_all_ranks("prepare load", views.prepare)
+        return views
 
     def read_shared(
         self, path: StrPath, weights_only: bool | None, storage_options: StorageOptions | None
@@ -236,7 +246,11 @@ class Strategy:
         """Collect ``state``, apply ``filter`` and write it; raise on every rank if any failed."""
         self.check_state(state)
         path = self.broadcast_object(path)  # rank 0's path wins, as in Lightning
-        checkpoint = collect(state, filter or {}, lambda obj: self.convert(obj, state))
+        # hooks first on every rank (they may be collectives), then user code; agreed, so a
+        # state_dict() raising on one rank raises on all before anything is written
+        checkpoint = self.run_on_all_ranks(
+            "collect", lambda: steps.collect(self, state, filter or {})
+        )
         self.run_on_all_ranks("save", lambda: self.write(checkpoint, path, storage_options))
 
     @final
@@ -256,17 +270,20 @@ class Strategy:
         if state:
             self.check_state(state)
         path = self.broadcast_object(path)
+        views = self.views(state) if state else None
         try:
             opened = self.run_on_all_ranks(
                 "open",
-                lambda: self._open_sharded_read(path, state, strict, weights_only, storage_options),
+                lambda: self._open_sharded_read(
+                    path, state, strict, weights_only, storage_options, views=views
+                ),
                 on_abort=_close_sharded,
             )
             if opened is not None:
                 return self._load_sharded(path, opened, weights_only, storage_options)
         except collectives.RankFailedError as failure:  # damage seen by one rank: the same error
             raise failure.checkpoint_error() from failure  # on all (as DCP's own steps did)
-        return self._load_file(path, state, strict, weights_only, storage_options)
+        return self._load_file(path, state, strict, weights_only, storage_options, views=views)
 
     def _load_file(
         self,
@@ -277,20 +294,33 @@ class Strategy:
         storage_options: StorageOptions | None,
         *,
         raw: bool = False,
+        views: steps.StateViews | None = None,
     ) -> tuple[Any, LoadReport | None]:
         """Load one file in two agreed steps: check and verify on every rank, then restore.
 
-        With ``raw``, the file is one state dict for ``state[RAW_KEY]``. Runs on every rank.
+        With ``raw``, the file is one state dict for ``state[RAW_KEY]``. ``views``: the state's
+        views (``self.views(state)``; computed here when not given). Runs on every rank.
         """
+        if state and views is None:
+            views = self.views(state)
         shared = self.read_shared(path, weights_only, storage_options)
         opened = self.run_on_all_ranks(
             "read",
             lambda: self._open_file(
-                path, state, strict, weights_only, storage_options, raw=raw, shared=shared
+                path,
+                state,
+                strict,
+                weights_only,
+                storage_options,
+                raw=raw,
+                shared=shared,
+                views=views,
             ),
             on_abort=OpenFile.close,
         )
-        return self.run_on_all_ranks("restore", lambda: self._restore_file(opened))
+        if opened.plan is None:
+            return self.run_on_all_ranks("restore", lambda: self._restore_file(opened))
+        return self._restore_file(opened)  # in agreed steps
 
     def _open_file(
         self,
@@ -302,6 +332,7 @@ class Strategy:
         *,
         raw: bool,
         shared: CheckpointReader | None = None,
+        views: steps.StateViews | None = None,
     ) -> OpenFile:
         """Open, plan and verify one file on this rank; change nothing the caller owns.
 
@@ -318,7 +349,7 @@ class Strategy:
             )
         )
         try:
-            return self._check_file(reader, path, state, strict, raw=raw)
+            return self._check_file(reader, path, state, strict, raw=raw, views=views)
         except BaseException:
             reader.close()
             raise
@@ -331,6 +362,7 @@ class Strategy:
         strict: bool,
         *,
         raw: bool,
+        views: steps.StateViews | None = None,
     ) -> OpenFile:
         checkpoint = reader.skeleton()
         if not state:
@@ -340,30 +372,28 @@ class Strategy:
             raise InvalidCheckpointError(
                 f"{path}: holds a {type(checkpoint).__name__}, not a dict.{hint}"
             )
+        views = views or steps.StateViews(self, state)
         plan = plan_restore(
             str(path),
             state,
             {RAW_KEY: checkpoint} if raw else checkpoint,
             strict,
-            target_of=self.module_target,
-            group_sizes=self._sizes(state),
+            target_of=views.target,
+            group_sizes=views.group_sizes,
         )
         accepted = reader.verify({id(b.source): b.target for b in plan.bindings})
         return OpenFile(reader, checkpoint, plan, accepted)
 
     def _restore_file(self, opened: OpenFile) -> tuple[Any, LoadReport | None]:
-        """Restore what ``_open_file`` checked (every rank passed it) and close the reader."""
+        """Restore what ``_open_file`` checked (every rank passed it) and close the reader.
+
+        With a plan, runs on every rank (``steps.restore``: agreed steps).
+        """
         with opened.reader as reader:
             if opened.plan is None:
                 reader.fill()
                 return opened.checkpoint, None
-            remainder = apply_restore(
-                opened.plan,
-                opened.accepted,
-                self.load_module_state_dict,
-                self.load_optimizer_state_dict,
-                reader.fill,
-            )
+            remainder = steps.restore(self, opened.plan, accepted=opened.accepted, fill=reader.fill)
         return remainder, opened.plan.report
 
     def _open_sharded_read(
@@ -373,6 +403,8 @@ class Strategy:
         strict: bool,
         weights_only: bool | None,
         storage_options: StorageOptions | None,
+        *,
+        views: steps.StateViews | None = None,
     ) -> OpenSharded | None:
         """If ``path`` is sharded: check it against ``state``, build the template, plan the read.
 
@@ -381,7 +413,7 @@ class Strategy:
         item it reads, non-tensor values read), so that the "open" agreement also stands for
         DCP's planning step and nothing the caller owns is written before every rank passed it.
         """
-        opened = self._open_sharded(path, state, strict, storage_options)
+        opened = self._open_sharded(path, state, strict, storage_options, views=views)
         if opened is None:
             return None
         template, plan = opened
@@ -398,11 +430,13 @@ class Strategy:
         state: State | None,
         strict: bool,
         storage_options: StorageOptions | None,
+        *,
+        views: steps.StateViews | None = None,
     ) -> tuple[Checkpoint, RestorePlan | None] | None:
         """If ``path`` is sharded: ``_sharded_template``; None for a single file."""
         if not self.checkpoint_io.is_sharded(path, storage_options):
             return None
-        return self._sharded_template(path, state, strict, storage_options)
+        return self._sharded_template(path, state, strict, storage_options, views=views)
 
     def _sharded_template(
         self,
@@ -410,6 +444,8 @@ class Strategy:
         state: State | None,
         strict: bool,
         storage_options: StorageOptions | None,
+        *,
+        views: steps.StateViews | None = None,
     ) -> tuple[Checkpoint, RestorePlan | None]:
         """Check the sharded checkpoint at ``path`` against ``state``; build the template.
 
@@ -424,9 +460,10 @@ class Strategy:
             return skeleton(metadata, set(available)), None
         if strict:
             check_requested_keys(str(path), list(state), available)
+        views = views or steps.StateViews(self, state)
         present = {k: obj for k, obj in state.items() if k in available}
         stateful = {k: obj for k, obj in present.items() if is_stateful(obj)}
-        template = collect(stateful, {}, lambda obj: _sharded_view(obj, state))
+        template = collect(stateful, {}, views.sharded)
         saved = _saved_entries(metadata, available, template, state)
         saved.update({k: None for k in present if k not in stateful})  # filled by the same pass
         plan = plan_restore(
@@ -434,8 +471,8 @@ class Strategy:
             present,
             saved,
             strict,
-            target_of=self.module_target,
-            group_sizes=self._sizes(state),
+            target_of=views.target,
+            group_sizes=views.group_sizes,
         )
         for key, entry in plan.module_dicts.items():  # keep what matched, as the plan decided
             template[key] = {name: template[key][name] for name in entry if name in template[key]}
@@ -463,21 +500,14 @@ class Strategy:
                 template, path, weights_only=weights_only, storage_options=storage_options
             )
 
-        def restore() -> Any:
-            if planned is not None:
-                planned.read()
-            if plan is None:
-                return template
-            for key in plan.checkpoint:
-                plan.checkpoint[key] = template[key]
-            plan.module_dicts.update({k: template[k] for k in plan.module_dicts})
-            return apply_restore(
-                plan, frozenset(), self.load_module_state_dict, self.load_optimizer_state_dict
-            )
-
-        remainder = self.run_on_all_ranks("restore", restore)
+        read = planned.read if planned is not None else None
         if plan is None:
-            return remainder, None
+            self.run_on_all_ranks("restore", read or (lambda: None))
+            return template, None
+        for key in plan.checkpoint:
+            plan.checkpoint[key] = template[key]
+        plan.module_dicts.update({k: template[k] for k in plan.module_dicts})
+        remainder = steps.restore(self, plan, read=read)
         remainder.update({k: template[k] for k in plan.report.remainder_keys})
         return remainder, plan.report
 
@@ -520,25 +550,6 @@ class Strategy:
             self.checkpoint_io.teardown()
         finally:
             dcp_versions.at_exit()
-
-
-def _sharded_view(obj: object, state: State) -> Any:
-    """Return what a sharded checkpoint holds for ``obj``: DCP's state dicts.
-
-    They are keyed by names and sharded where the modules are, whatever strategy wrote them, so
-    any strategy can load any sharded checkpoint.
-    """
-    if isinstance(obj, nn.Module):
-        return get_model_state_dict(obj)
-    if isinstance(obj, torch.optim.Optimizer):
-        module = owner_module(obj, state)
-        if module is None:
-            raise ValueError(
-                "loading an optimizer from a sharded checkpoint needs the module it updates "
-                "in the same state"
-            )
-        return get_optimizer_state_dict(module, obj)
-    return to_state_dict(obj)
 
 
 def _saved_entries(

@@ -93,11 +93,16 @@ def _index_keys_to_names(state_dict: StateDict, named_groups: list[dict[str, Any
 class FSDPStrategy(Strategy):
     """Checkpoints of ``FullyShardedDataParallel`` / ``fully_shard`` models.
 
+    Its state-dict hooks are collectives (FSDP1's getters and setters, full state dicts), so a
+    load computes every view of the state up front, on every rank in the same order.
+
     Args:
         checkpoint_io: the IO plugin for every read and write (default ``TorchCheckpointIO``).
         state_dict_type: ``"sharded"`` (a DCP directory, one piece per rank) or ``"full"``
             (one file written by rank 0).
     """
+
+    collective_hooks = True
 
     def __init__(
         self, checkpoint_io: CheckpointIO | None = None, state_dict_type: StateDictType = "sharded"

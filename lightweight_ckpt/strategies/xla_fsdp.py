@@ -39,6 +39,7 @@ from lightweight_ckpt.strategies.xla import XLAStrategy, broadcast
 if TYPE_CHECKING:
     from lightweight_ckpt.io import CheckpointIO
     from lightweight_ckpt.state import LoadReport, RestorePlan
+    from lightweight_ckpt.strategies.steps import StateViews
     from lightweight_ckpt.strategies.xla import Coordinator
     from lightweight_ckpt.types import Checkpoint, State, StateDict, StorageOptions, StrPath
 
@@ -260,11 +261,13 @@ class XLAFSDPStrategy(XLAStrategy):
         state: State | None,
         strict: bool,
         storage_options: StorageOptions | None,
+        *,
+        views: StateViews | None = None,
     ) -> tuple[Checkpoint, RestorePlan | None] | None:
         location = self.checkpoint_io.locate(self.agreed_path(path), storage_options)
         if self.agree("detect", lambda: xla_shards.is_xla_sharded(location), same=True):
             return None  # _load_file reads this replica's shard file
-        return super()._open_sharded(path, state, strict, storage_options)
+        return super()._open_sharded(path, state, strict, storage_options, views=views)
 
     def _load_file(
         self,
@@ -275,6 +278,7 @@ class XLAFSDPStrategy(XLAStrategy):
         storage_options: StorageOptions | None,
         *,
         raw: bool = False,
+        views: StateViews | None = None,
     ) -> tuple[Any, LoadReport | None]:
         path = self.agreed_path(path)
         location = self.checkpoint_io.locate(path, storage_options)
@@ -282,7 +286,7 @@ class XLAFSDPStrategy(XLAStrategy):
             self._full_load = True
             try:
                 return super()._load_file(
-                    path, state, strict, weights_only, storage_options, raw=raw
+                    path, state, strict, weights_only, storage_options, raw=raw, views=views
                 )
             finally:
                 self._full_load = False
@@ -306,7 +310,7 @@ class XLAFSDPStrategy(XLAStrategy):
         # this replica's shard file, through the shared two-step load (verify on every
         # replica, then restore), so a damaged shard anywhere changes no replica's state
         loaded, report = Strategy._load_file(
-            self, shard, state, strict, weights_only, storage_options
+            self, shard, state, strict, weights_only, storage_options, views=views
         )
         if isinstance(loaded, dict):
             loaded.pop(xla_shards.SHARD_METADATA_KEY, None)
