@@ -20,8 +20,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
-from lightweight_ckpt import CheckpointError, Fabric, MissingKeysError, StateMismatchError
-from lightweight_ckpt.strategies import DDPStrategy, FSDPStrategy
+from lightweight_ckpt import Fabric, MissingKeysError, StateMismatchError
+from lightweight_ckpt.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 from tests.helpers.asserts import assert_states_differ, assert_states_equal, snapshot
 from tests.helpers.distributed import run_distributed
 from tests.strategies.test_matrix import (
@@ -147,23 +147,17 @@ def _sharded_into_ddp(rank: int, world_size: int, directory: str, with_optimizer
         fabric.barrier()
         return
 
-    # weights and optimizer: restored bitwise, or refused with a clear error and nothing changed
-    before = {"model": snapshot(ddp.module), "optimizer": snapshot(ddp_optimizer)}
-    error: BaseException | None = None
-    try:
-        fabric.load(path, {"model": ddp, "optimizer": ddp_optimizer})
-    except BaseException as err:  # noqa: BLE001 - checked below (DCP raises BaseException)
-        error = err
-    assert len(set(gather_error_types(error))) == 1
-    if error is None:
-        assert_states_equal(ddp.module, expected["model"])
-        loaded = ddp_optimizer.state_dict()
-        assert_states_equal(by_name(ddp.module, loaded["state"]), expected["optimizer"]["state"])
-    else:
-        assert isinstance(error, CheckpointError), f"not a library error: {error!r}"
-        assert path in str(error)
-        assert_states_equal(ddp.module, before["model"])
-        assert_states_equal(ddp_optimizer, before["optimizer"])
+    # weights and optimizer: both restored bitwise on every rank (names → DDP's indices)
+    perturb(ddp, ddp_optimizer)
+    before = ddp_optimizer.state_dict()
+    assert_states_differ(by_name(ddp.module, before["state"]), expected["optimizer"]["state"])
+    state = {"model": ddp, "optimizer": ddp_optimizer, "step": 0}
+    assert fabric.load(path, state) == {}  # strict=True
+    assert state["step"] == 2
+    assert_states_equal(ddp.module, expected["model"])
+    loaded = ddp_optimizer.state_dict()
+    assert_states_equal(by_name(ddp.module, loaded["state"]), expected["optimizer"]["state"])
+    assert loaded["param_groups"][0]["lr"] == 1e-2  # perturb set 0.5
     fabric.barrier()
 
 
@@ -182,17 +176,45 @@ def test_sharded_checkpoint_into_plain_model_and_optimizer(tmp_path: Path) -> No
     model, optimizer = build("plain", seed=5, arch="mlp")
     perturb(model, optimizer)
     before = reference("plain", model, optimizer)
-    error: BaseException | None = None
-    try:
-        Fabric().load(path, {"model": model, "optimizer": optimizer})
-    except BaseException as err:  # noqa: BLE001 - checked below (DCP raises BaseException)
-        error = err
-    if error is None:
-        assert_states_equal(reference("plain", model, optimizer), expected)
-    else:
-        assert isinstance(error, CheckpointError), f"not a library error: {error!r}"
-        assert str(path) in str(error)
-        assert_states_equal(reference("plain", model, optimizer), before)
+    assert_states_differ(before["model"], expected["model"])
+    assert_states_differ(before["optimizer"], expected["optimizer"])
+    fabric = Fabric()
+    assert fabric.load(path, {"model": model, "optimizer": optimizer}) == {}  # strict=True
+    assert isinstance(fabric.strategy, SingleDeviceStrategy)
+    assert_states_equal(reference("plain", model, optimizer), expected)
+
+
+# -- stock torch.distributed.checkpoint.load reads our directory -------------------------------
+
+
+def _stock_dcp_load(rank: int, world_size: int, directory: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = os.path.join(directory, "sharded")
+    model, optimizer = build("fsdp2")
+    Fabric().save(path, {"model": model, "optimizer": optimizer, "step": 2})
+    expected = reference("fsdp2", model, optimizer)
+
+    model, optimizer = build("fsdp2", seed=5, steps=1)
+    perturb(model, optimizer)
+    before = reference("fsdp2", model, optimizer)
+    assert_states_differ(before["model"], expected["model"])
+    assert_states_differ(before["optimizer"], expected["optimizer"])
+    # DCP's documented recipe, nothing of ours on the way in
+    model_sd, optimizer_sd = get_state_dict(model, optimizer)
+    loaded = {"model": model_sd, "optimizer": optimizer_sd}
+    dcp.load(loaded, checkpoint_id=path)
+    set_state_dict(
+        model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"]
+    )
+    assert_states_equal(reference("fsdp2", model, optimizer), expected)
+    dist.barrier()
+
+
+@pytest.mark.distributed
+def test_stock_dcp_load_reads_our_sharded_checkpoint(tmp_path: Path) -> None:
+    run_distributed(_stock_dcp_load, 2, tmp_path, args=(str(tmp_path),))
 
 
 # -- load_raw of a plain torch.save file into FSDP1 / FSDP2 ------------------------------------

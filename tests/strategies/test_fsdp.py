@@ -125,20 +125,6 @@ def test_sharded_round_trip_and_plain_reload(tmp_path: Path, kind: str) -> None:
     assert remainder["hparams"] == {"lr": 1e-2}
 
 
-def _reload_other_world(rank: int, world_size: int, kind: str, directory: str) -> None:
-    path = os.path.join(directory, "sharded")
-    model, optimizer = _sharded(kind)
-    expected = torch.load(os.path.join(directory, "expected_model.pt"), weights_only=True)
-    assert_states_differ(get_model_state_dict(model, options=FULL), expected)
-    Fabric().load(path, {"model": model, "optimizer": optimizer}, strict=False)
-    assert_states_equal(get_model_state_dict(model, options=FULL), expected)
-
-
-def test_sharded_reshard_2_to_4(tmp_path: Path) -> None:
-    run_distributed(_save_and_reload, 2, tmp_path, args=("fsdp2", str(tmp_path)))
-    run_distributed(_reload_other_world, 4, tmp_path, args=("fsdp2", str(tmp_path)))
-
-
 def _full_save(rank: int, world_size: int, kind: str, directory: str) -> None:
     path = os.path.join(directory, "full.ckpt")
     model, optimizer = _sharded(kind)

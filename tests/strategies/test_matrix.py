@@ -3,7 +3,8 @@
 {single process, DDP, FSDP1, FSDP2} x {world 1, 2, 4}: one ``run_distributed`` call per cell
 does the save, perturbs the live state (so it differs), loads it back with ``strict=True`` and
 compares. World 1 for DDP/FSDP is a real one-rank process group. Sharded checkpoints also load at
-other world sizes (FSDP2 4 → 2, FSDP1 2 → 1). Real processes, gloo on CPU, nothing mocked.
+other world sizes (FSDP2 4 → 2, FSDP1 2 → 1, FSDP1 and FSDP2 2 → 4), model and optimizer
+bitwise, strict. Real processes, gloo on CPU, nothing mocked.
 
 The helpers here (``build``, ``reference``, ``perturb``) are shared with ``test_crossload`` and
 ``test_sharded_faults``.
@@ -228,7 +229,12 @@ def _load_at_other_world(rank: int, world_size: int, kind: str, directory: str) 
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     ("kind", "save_world", "load_world"),
-    [pytest.param("fsdp2", 4, 2, marks=pytest.mark.slow), ("fsdp1", 2, 1)],
+    [
+        pytest.param("fsdp2", 4, 2, marks=pytest.mark.slow),
+        ("fsdp1", 2, 1),
+        ("fsdp2", 2, 4),
+        pytest.param("fsdp1", 2, 4, marks=pytest.mark.slow),
+    ],
 )
 def test_sharded_reshard(tmp_path: Path, kind: str, save_world: int, load_world: int) -> None:
     directory = tmp_path / "run"
