@@ -144,6 +144,13 @@ def build_state(cfg: ModelConfig, seed: int = SEED) -> tuple[nn.Module, torch.op
     return model, opt
 
 
+def build_fresh(cfg: ModelConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A process resuming a run: the model with other weights, AdamW with no state yet."""
+    torch.manual_seed(SEED + 1)
+    model = TinyGPT(cfg)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
 def state_tensors(model: nn.Module, opt: torch.optim.Optimizer) -> list[tuple[str, torch.Tensor]]:
     """Every tensor of the training state, in a fixed order, as (name, tensor sharing storage)."""
     out = [(f"model.{k}", v) for k, v in model.state_dict().items()]
@@ -216,6 +223,7 @@ class Contender:
     name: ClassVar[str]
     suffix: ClassVar[str] = ""
     ops: ClassVar[tuple[str, ...]] = ("save", "load")
+    into_fresh: ClassVar[bool] = True  # can load into an optimizer that has no state yet
     description: ClassVar[str]
 
     def unavailable(self) -> str | None:
@@ -424,6 +432,7 @@ class RawBytes(Contender):
         "os.write of every tensor's bytes (memoryview, no serialization) + fsync; "
         "load = os.readv straight into the live tensors"
     )
+    into_fresh = False  # it reads into existing tensors only
 
     def save(self, path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> None:
         """Write every tensor's bytes back to back and fsync."""
@@ -458,7 +467,8 @@ CONTENDERS: dict[str, type[Contender]] = {
         RawBytes,
     )
 }
-BASELINE = {"save": "torch", "load": "torch", "resume": "torch"}
+BASELINE = {"save": "torch", "load": "torch", "resume": "torch", "fresh": "torch"}
+READ_OPS = ("load", "resume", "fresh")
 
 # --------------------------------------------------------------------------------------------
 # Worker: one op in a fresh process
@@ -477,13 +487,15 @@ def run_worker_op(
     ``resume`` times the load together with the first optimizer step after it (``--resume``):
     a load that leaves the state memory-mapped (``torch.load(mmap=True)``) returns early and
     the first step pays for the pages it did not read, and for copying each one it writes.
-    The save op then also records the state's digest after that step, which ``resume`` checks.
+    ``fresh`` does the same in the usual resume: a new process whose optimizer has no state yet
+    (``--fresh``), so nothing can be read in place and the load creates the moments.
+    The save op then also records the state's digest after that step, which both check.
     """
     contender = CONTENDERS[contender_name]()
     contender.setup()
-    model, opt = build_state(cfg)
+    model, opt = build_fresh(cfg) if op == "fresh" else build_state(cfg)
     result: dict[str, Any] = {"contender": contender_name, "op": op, "state_bytes": 0}
-    result["state_bytes"] = sum(t.numel() * t.element_size() for _n, t in state_tensors(model, opt))
+    result["state_bytes"] = cfg.state_bytes()
     if op in ("save", "prepare"):
 
         def do_save() -> None:
@@ -507,7 +519,7 @@ def run_worker_op(
         verify_restored(model, opt, expected["digest"], step)
         result.update(measurement.to_json())
         result["verified"] = True
-    elif op == "resume":
+    elif op in ("resume", "fresh"):
         expected = json.loads(_expected_path(path).read_text(encoding="utf-8"))
         perturb(model, opt)
         set_resume_grads(model)
@@ -535,8 +547,8 @@ def _worker_args(name: str, op: str, path: Path, args: argparse.Namespace, rnd: 
     argv = ["--worker", "--contender", name, "--op", op, "--path", str(path), "--round", str(rnd)]
     if args.size_mb is not None:
         argv += ["--size-mb", str(args.size_mb)]
-    if args.resume:
-        argv += ["--resume"]
+    if args.resume or args.fresh:
+        argv += ["--resume"]  # the save records the digest after one more step
     return argv
 
 
@@ -561,7 +573,9 @@ def run_round(
             if save_op == "save":
                 results.append({**res, "round": rnd})
                 _log(f"round {rnd} {name:>16} save {res['seconds']:7.2f}s")
-            read_ops = ["load", "resume"] if args.resume else ["load"]
+            read_ops = (
+                ["load"] + ["resume"] * args.resume + ["fresh"] * contender.into_fresh * args.fresh
+            )
             for op in read_ops if "load" in contender.ops else []:
                 if args.cold_cache:
                     harness.drop_page_cache(path)
@@ -580,7 +594,7 @@ def summarize(results: list[dict[str, Any]], names: list[str]) -> list[dict[str,
     """Median time and worst peak memory per (contender, op), with ratios to the torch baseline."""
     rows: list[dict[str, Any]] = []
     for name in names:
-        for op in ("save", "load", "resume"):
+        for op in ("save", *READ_OPS):
             runs = [r for r in results if r["contender"] == name and r["op"] == op]
             if not runs:
                 continue
@@ -701,12 +715,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also time 'resume': each load followed by the first optimizer step (where loads "
         "that leave state memory-mapped pay for the pages they did not read)",
     )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="also time 'fresh': the usual resume, a new process whose optimizer has no state "
+        "yet, then the first optimizer step",
+    )
     worker = p.add_argument_group("worker (internal)")
     worker.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     worker.add_argument("--contender", help=argparse.SUPPRESS)
-    worker.add_argument(
-        "--op", choices=("save", "prepare", "load", "resume"), help=argparse.SUPPRESS
-    )
+    worker.add_argument("--op", choices=("save", "prepare", *READ_OPS), help=argparse.SUPPRESS)
     worker.add_argument("--path", type=Path, help=argparse.SUPPRESS)
     worker.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     worker.add_argument("--result", type=Path, help=argparse.SUPPRESS)
