@@ -7,7 +7,10 @@ Retries of remote reads, saves and commits after a transient failure (connection
 5xx, throttling), on top of the clients' own (see ``storage``): ``LWCKPT_RETRY_ATTEMPTS`` tries
 in all (default 4; 1 turns our retries off), ``LWCKPT_RETRY_BACKOFF_S`` the first backoff (default
 0.5 s; doubling, full jitter, capped at 30 s), ``LWCKPT_RETRY_DEADLINE_S`` after which no new
-attempt starts (default 300 s).
+attempt starts (default 300 s). ``LWCKPT_REQUEST_TIMEOUT_S``: how long one request may wait to
+connect or for the next bytes of its answer before the client gives up on it (default 10 s; s3fs's
+``connect_timeout``/``read_timeout`` and gcsfs's ``requests_timeout`` where the storage options set
+none), so that a stalled request fails and ``LWCKPT_RETRY_DEADLINE_S`` bounds the operation.
 
 ``LWCKPT_SPOOL_DIR``: where a remote in-place load keeps the bytes it verified, so that they are
 downloaded once (default: the system's temporary directory; ``none`` downloads twice instead).
@@ -55,6 +58,7 @@ class Settings:
     retry_attempts: int = 4
     retry_backoff_s: float = 0.5
     retry_deadline_s: float = 300.0
+    request_timeout_s: float = 10.0
     spool_dir: str = ""
     part_bytes: int = 8 << 20
     parts_in_flight: int = 4
@@ -78,6 +82,7 @@ def _from_env() -> Settings:
         retry_attempts=max(1, int(os.environ.get("LWCKPT_RETRY_ATTEMPTS", "4"))),
         retry_backoff_s=max(0.0, float(os.environ.get("LWCKPT_RETRY_BACKOFF_S", "0.5"))),
         retry_deadline_s=max(0.0, float(os.environ.get("LWCKPT_RETRY_DEADLINE_S", "300"))),
+        request_timeout_s=max(0.1, float(os.environ.get("LWCKPT_REQUEST_TIMEOUT_S", "10"))),
         spool_dir=os.environ.get("LWCKPT_SPOOL_DIR", ""),
         part_bytes=max(5 << 20, int(os.environ.get("LWCKPT_PART_BYTES", str(8 << 20)))),
         parts_in_flight=max(1, int(os.environ.get("LWCKPT_PARTS_IN_FLIGHT", "4"))),

@@ -1,15 +1,17 @@
 """Storage failures: what kind they are, retries with backoff, and our errors naming the URL.
 
-s3fs retries most transport errors itself (botocore retries connection errors and 5xx, then
-s3fs's own wrapper 5 times over ~2 s; ``retries=`` and ``config_kwargs={"retries": ...,
-"read_timeout": ...}`` tune them), and gcsfs retries connection errors, 408/429/5xx 6 times with
-1-32 s backoffs (``requests_timeout=`` bounds each request; without it a stalled read waits on
-aiohttp's default). What escapes them (an endpoint down for longer than botocore's few attempts,
-a stall past the read timeout, a payload cut short after the last retry) is retried by
+s3fs retries most transport errors itself (its wrapper tries 5 times over ~2 s; under it,
+botocore, which ``location.client_options`` sets to 2 attempts unless ``config_kwargs=
+{"retries": ...}`` says otherwise), and gcsfs retries connection errors, timeouts and
+408/429/5xx 6 times with 1-32 s backoffs. Each request waits at most ``request_timeout_s``
+(``config``) to connect or for more bytes, so a stalled attempt ends after about ten timeouts
+on either store (plus gcsfs's backoffs). What escapes them (an endpoint down for longer than the
+clients' few attempts, a stall, a payload cut short after the last retry) is retried by
 ``call_with_retries`` with exponential backoff and full jitter, bounded by ``retry_attempts``
-and ``retry_deadline_s`` (``config``). What is left is translated by ``storage_error`` into our
-errors naming the URL: ``CheckpointWriteError`` when writing, ``CheckpointReadError`` when
-reading, never a raw client exception.
+and ``retry_deadline_s``: no attempt starts that would end past the deadline at the pace of the
+one before. What is left is translated by ``storage_error`` into our errors naming the URL:
+``CheckpointWriteError`` when writing, ``CheckpointReadError`` when reading, never a raw client
+exception (the client's exception is the ``__cause__``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ _TRANSIENT_TYPES = frozenset(
     {
         "builtins.ConnectionError",  # reset, refused, aborted, broken pipe
         "builtins.TimeoutError",  # socket/asyncio timeouts, aiohttp ServerTimeoutError
+        # before Python 3.11 these two were not the builtin TimeoutError
+        "asyncio.exceptions.TimeoutError",  # aiohttp's total timeout, fsspec's FSTimeoutError
+        "concurrent.futures._base.TimeoutError",
         "http.client.IncompleteRead",
         "botocore.exceptions.ConnectionError",  # EndpointConnectionError, ConnectTimeoutError
         "botocore.exceptions.HTTPClientError",  # ReadTimeoutError, ConnectionClosedError
@@ -178,17 +183,20 @@ def call_with_retries(url: str, action: str, fn: Callable[[], _T]) -> _T:
     start = time.monotonic()
     attempt = 1
     while True:
+        attempt_start = time.monotonic()
         try:
             return fn()
-        except Exception as err:  # noqa: PERF203 - the retry loop is the point
+        except Exception as err:
             kind = classify_failure(err)
             if kind is None:
                 raise
-            elapsed = time.monotonic() - start
+            now = time.monotonic()
+            elapsed = now - start
             delay = policy.delay_s(attempt)
             if kind[0] != "transient" or attempt >= policy.attempts:
                 raise _final(url, action, err, attempt, elapsed) from err
-            if elapsed + delay > policy.deadline_s:
+            # a stall tends to repeat: an attempt as long as this one must end by the deadline
+            if elapsed + delay + (now - attempt_start) > policy.deadline_s:
                 raise _final(url, action, err, attempt, elapsed) from err
             log.warning(
                 "%s: %s failed (attempt %d of %d: %s: %s); retrying in %.2f s",

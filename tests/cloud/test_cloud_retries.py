@@ -331,3 +331,102 @@ def test_the_deadline_bounds_the_retries(proxied_s3: Proxied) -> None:
         Fabric().load(url, storage_options=proxied_s3.options)
     assert str(info.value).startswith(f"{url}: reading failed after 1 attempt in ")
     assert fault.hits >= 1  # it failed on the data, and that range was not tried again
+
+
+# -- lasting faults with the clients' default options: our timeouts end them ------------------
+
+# Where each lasting fault hits: everything (drop, stall), or the bytes of a transfer (truncate:
+# the answer to a part upload cut inside its status line; a data read cut after 64 KiB).
+LASTING = {
+    ("save", "drop"): {},
+    ("save", "stall"): {},
+    ("load", "drop"): {},
+    ("load", "stall"): {},
+    ("save", "truncate"): {"truncate_bytes": 10},
+    ("load", "truncate"): {"truncate_bytes": 64 * 1024, **DATA_GET},
+}
+# The client's own exception once its retries ran out: the cause our error carries.
+RAW_ERRORS = {
+    ("s3", "save", "drop"): "botocore.exceptions.ConnectionClosedError",
+    ("s3", "save", "stall"): "botocore.exceptions.ReadTimeoutError",
+    ("s3", "save", "truncate"): "botocore.exceptions.ConnectionClosedError",
+    ("s3", "load", "drop"): "botocore.exceptions.ConnectionClosedError",
+    ("s3", "load", "stall"): "botocore.exceptions.ReadTimeoutError",
+    ("s3", "load", "truncate"): "aiohttp.client_exceptions.ClientPayloadError",
+    ("gs", "save", "drop"): "aiohttp.client_exceptions.ServerDisconnectedError",
+    ("gs", "save", "stall"): "fsspec.exceptions.FSTimeoutError",
+    ("gs", "save", "truncate"): "aiohttp.client_exceptions.ServerDisconnectedError",
+    ("gs", "load", "drop"): "aiohttp.client_exceptions.ServerDisconnectedError",
+    ("gs", "load", "stall"): "fsspec.exceptions.FSTimeoutError",
+    ("gs", "load", "truncate"): "aiohttp.client_exceptions.ClientPayloadError",
+}
+
+
+@pytest.fixture(params=PROTOCOLS)
+def default_clients(request: pytest.FixtureRequest, fast_gcsfs_retries: None) -> Iterator[Proxied]:
+    """A bucket behind a fault proxy, reached with the store's plain options: no timeouts.
+
+    The clients' timeouts are ours (``LWCKPT_REQUEST_TIMEOUT_S``, shortened here), not the
+    test's; so is botocore's retry count. gcsfs's backoffs are shortened as in the other
+    lasting-fault tests. A 3 s deadline: an attempt that stalled for longer is not repeated.
+    """
+    for store in open_store(request, request.param, block_bytes=BLOCK_BYTES[request.param]):
+        with FaultProxy(store.server.endpoint) as proxy:
+            options = {**store.storage_options, "endpoint_url": proxy.endpoint}
+            with override(
+                request_timeout_s=0.25,
+                retry_attempts=2,
+                retry_backoff_s=0.05,
+                retry_deadline_s=3.0,
+                io_threads=2,
+                chunk_bytes=RANGE_BYTES,
+                part_bytes=BLOCK_BYTES["s3"],
+            ):
+                yield Proxied(store, proxy, options)
+
+
+def _causes(err: BaseException) -> list[str]:
+    names = []
+    current: BaseException | None = err
+    while current is not None:
+        names += [f"{k.__module__}.{k.__qualname__}" for k in type(current).__mro__]
+        current = current.__cause__ or current.__context__
+    return names
+
+
+@pytest.mark.timeout(120)  # without our client timeouts a stalled request waits 300 s, 6 times
+@pytest.mark.parametrize("kind", ["drop", "stall", "truncate"])
+@pytest.mark.parametrize("action", ["save", "load"])
+def test_lasting_fault_with_default_client_options_raises_our_error(
+    default_clients: Proxied, action: str, kind: str
+) -> None:
+    proxied = default_clients
+    url = proxied.store.url("last.ckpt")
+    previous = _save_direct(proxied, url, steps=1)
+    expected = snapshot(previous["model"])
+    where = LASTING[action, kind]
+    if kind == "truncate" and action == "save":
+        where = {**where, **UPLOAD_PART[proxied.protocol]}
+    fault = proxied.proxy.add(Fault(kind, times=None, stall_s=600.0, **where))
+    target = fresh_like(make_state(WIDTH), width=WIDTH)
+    before = snapshot(target["model"])
+    error = CheckpointWriteError if action == "save" else CheckpointReadError
+
+    def act() -> None:
+        if action == "save":
+            Fabric().save(url, make_state(WIDTH, steps=3), storage_options=proxied.options)
+        else:
+            Fabric().load(url, target, storage_options=proxied.options)
+
+    with pytest.raises(error) as info:
+        act()
+
+    assert fault.hits >= 1
+    message = str(info.value)
+    assert message.startswith(f"{url}: {'writing' if action == 'save' else 'reading'} failed")
+    raw = RAW_ERRORS[proxied.protocol, action, kind]
+    assert raw in _causes(info.value), [n for n in _causes(info.value) if "builtins" not in n]
+    # nothing half-written, nothing half-loaded
+    assert proxied.store.visible_objects() == ["last.ckpt"]
+    assert_states_equal(target["model"], before)
+    assert_states_equal(_load_direct(proxied, url)["model"], expected)
