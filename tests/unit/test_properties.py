@@ -6,6 +6,7 @@ also read back with plain ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import struct
@@ -14,13 +15,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torch._dynamo  # sets TORCHINDUCTOR_CACHE_DIR on import: do it at collection
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lightweight_ckpt import Fabric
+from lightweight_ckpt import Fabric, StateMismatchError
 
 SETTINGS = settings(
     max_examples=40,
@@ -259,3 +261,154 @@ def test_load_restores_a_perturbed_state_exactly(built, extra, where):
     assert after == identity, "parameters were replaced, not restored in place"
     assert_bitwise(target["extra"], extra, "extra")
     assert target["step"] == 3
+
+
+def trained_optimizer(model: nn.Module, seed: int) -> torch.optim.Optimizer:
+    """SGD with momentum after one step on arbitrary gradients: a buffer per parameter."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, foreach=False)
+    for index, param in enumerate(model.parameters()):
+        param.grad = random_tensor(list(param.shape), param.dtype, seed + index)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return optimizer
+
+
+@st.composite
+def subsets(draw: st.DrawFn, names: list[str]) -> frozenset[str] | None:
+    """None (no filter) or the names a filter keeps."""
+    if not draw(st.booleans()):
+        return None
+    return frozenset(draw(st.sets(st.sampled_from(names)))) if names else frozenset()
+
+
+def optimizer_refusal(saved: dict[str, Any], params: list[torch.Tensor]) -> str | None:
+    """Why an SGD entry cannot load over ``params`` (computed here, not by the library)."""
+    if "state" not in saved or "param_groups" not in saved:
+        return "not an optimizer state dict"
+    if [len(group["params"]) for group in saved["param_groups"]] != [len(params)]:
+        return "parameter groups of sizes"
+    for index, entries in saved["state"].items():
+        if entries["momentum_buffer"].shape != params[index].shape:
+            return "other shapes than its parameters"
+    return None
+
+
+def resized(model: nn.Sequential, dtype: torch.dtype, grow: int) -> nn.Sequential:
+    """The same layers with one width one larger: same parameter count, other shapes."""
+    linears = [layer for layer in model if isinstance(layer, nn.Linear)]
+    widths = [linears[0].in_features] + [layer.out_features for layer in linears]
+    widths[grow % len(widths)] += 1
+    layers: list[nn.Module] = []
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            index = len([x for x in layers if isinstance(x, nn.Linear)])
+            layers.append(nn.Linear(widths[index], widths[index + 1], bias=layer.bias is not None))
+        else:
+            layers.append(nn.BatchNorm1d(widths[1]))
+    return nn.Sequential(*layers).to(dtype)
+
+
+def build_twin(kind: str, model: nn.Sequential, dtype: torch.dtype, data: Any) -> nn.Module:
+    """The target model: a bit-flipped copy, the same layers resized, or another model."""
+    if kind == "flipped copy":
+        twin = copy.deepcopy(model)
+        perturb(twin)
+        return twin
+    if kind == "resized":
+        return resized(model, dtype, data.draw(st.integers(0, 4), label="grow"))
+    return data.draw(models(), label="other model")[0].to(dtype)
+
+
+def assert_non_strict_model_load(
+    model: nn.Module, before: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], entry: Any
+) -> None:
+    """Each tensor is the saved one where its name is saved with its shape, else as before."""
+    want = {
+        name: saved[name] if name in saved and saved[name].shape == tensor.shape else tensor
+        for name, tensor in before.items()
+    }
+    assert_bitwise(dict(model.state_dict()), want, "model")
+    assert entry.missing_keys == tuple(sorted(set(before) - set(saved)))
+    assert entry.unexpected_keys == tuple(sorted(set(saved) - set(before)))
+    assert entry.mismatched_shapes == tuple(
+        sorted(
+            (name, tuple(saved[name].shape), tuple(tensor.shape))
+            for name, tensor in before.items()
+            if name in saved and saved[name].shape != tensor.shape
+        )
+    )
+
+
+@SETTINGS
+@given(
+    built=models(),
+    twin_kind=st.sampled_from(["flipped copy", "resized", "other model"]),
+    data=st.data(),
+    where=st.sampled_from(["local", "memory"]),
+)
+def test_filtered_modules_and_optimizers_save_and_load_partially_non_strict(
+    built, twin_kind, data, where
+):
+    """Filters on module, optimizer and dict entries; non-strict loads of a subset of keys.
+
+    The target model is a bit-flipped copy of the saved one, the same layers with one width
+    changed, or another model: what matches by name and shape loads. An optimizer entry that
+    cannot load whole (filtered, other parameter count or shapes) is refused, strict or not,
+    and nothing changes.
+    """
+    model, dtype = built
+    optimizer = trained_optimizer(model, data.draw(st.integers(0, 2**31 - 1), label="grads"))
+    extra = data.draw(st.dictionaries(st.text(min_size=1, max_size=4), fresh_tensors, max_size=3))
+    state = {"model": model, "optimizer": optimizer, "extra": extra, "step": 3}
+    plain = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "extra": extra}
+    kept = {
+        key: names
+        for key in ("model", "optimizer", "extra")
+        if (names := data.draw(subsets(sorted(plain[key])), label=f"keep {key}")) is not None
+    }
+    expected = expected_checkpoint({**plain, "step": 3}, kept)
+    requested = data.draw(st.sets(st.sampled_from(sorted(state)), min_size=1), label="requested")
+    absent = data.draw(st.sets(st.sampled_from(["gone", "other"])), label="absent")
+
+    twin = build_twin(twin_kind, model, dtype, data)
+    fresh = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.5, foreach=False)
+    refusal = optimizer_refusal(expected["optimizer"], list(twin.parameters()))
+    objects = {"model": twin, "optimizer": fresh, "extra": {}, "step": 0, "gone": 1, "other": 2}
+    target = {key: objects[key] for key in sorted(requested | absent)}
+    identity = {n: (id(t), t.data_ptr()) for n, t in twin.state_dict(keep_vars=True).items()}
+    before_model = {n: t.clone() for n, t in twin.state_dict().items()}
+    event(f"filtered: {sorted(kept)}, target model: {twin_kind}")
+    event(f"optimizer requested: {'optimizer' in target}, refused: {refusal}")
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = checkpoint_path(directory, where)
+        fabric = Fabric()
+        fabric.save(path, state, filter={key: keep_fn(names) for key, names in kept.items()})
+        assert_bitwise(fabric.load(path), expected)
+
+        if "optimizer" in target and refusal is not None:  # half an optimizer never loads
+            with pytest.raises(StateMismatchError, match=refusal):
+                fabric.load(path, target, strict=False)
+            assert_bitwise(dict(twin.state_dict()), before_model, "model")
+            assert fresh.state_dict()["state"] == {}
+            assert all(target[key] == objects[key] for key in ("step", "gone") if key in target)
+            del target["optimizer"]
+            if not target:
+                return
+        remainder = fabric.load(path, target, strict=False)
+
+    assert_bitwise(remainder, {k: v for k, v in expected.items() if k not in target})
+    report = fabric.last_load_report
+    assert report is not None
+    assert report.missing_entries == tuple(sorted(absent))
+    assert all(target[key] == objects[key] for key in absent)
+    if "model" in target:
+        assert_non_strict_model_load(twin, before_model, expected["model"], report.entries["model"])
+        after = {n: (id(t), t.data_ptr()) for n, t in twin.state_dict(keep_vars=True).items()}
+        assert after == identity, "parameters were replaced, not restored in place"
+    if "optimizer" in target:
+        assert_bitwise(fresh.state_dict(), expected["optimizer"], "optimizer")
+    if "extra" in target:
+        assert_bitwise(target["extra"], expected["extra"], "extra")
+    if "step" in target:
+        assert target["step"] == 3
