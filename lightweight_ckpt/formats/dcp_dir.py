@@ -64,7 +64,6 @@ from lightweight_ckpt.storage import (
     Sink,
     call_with_retries,
     classify_failure,
-    resolve,
     staged_write,
     storage_error,
     write_with_retries,
@@ -119,10 +118,11 @@ class _VersionedWriter(FsspecWriter):
         # each; DCP's own would fsync a piece before its record exists (a second journal commit)
         url = location.url
         super().__init__(url, sync_files=False, overwrite=True, **dict(storage_options or {}))
+        self.fs.fs = location.fs  # the client ``storage`` configured (timeouts), and its caches
+        self._location = location
         self._url = url
         self._remote = not location.is_local
         self._version = version
-        self._storage_options = storage_options
         spare = dcp_versions.spare_for(location, version)
         reuse = None
         if spare is not None:  # overwrite the pieces of the version two saves back, in place
@@ -137,7 +137,7 @@ class _VersionedWriter(FsspecWriter):
         if self._remote:  # our staged uploads (parallel parts, aborted on failure), not fs.open
 
             def upload(target: str) -> contextlib.AbstractContextManager[Sink]:
-                return staged_write(resolve(target, storage_options))
+                return staged_write(inside(location, target))
 
         self.fs: Any = dcp_checksums.ChecksumRecorder(self.fs, reuse, upload)
 
@@ -187,13 +187,19 @@ class _VersionedWriter(FsspecWriter):
         metadata.version = CURRENT_DCP_VERSION
         metadata.storage_data = {r.index: r.storage_data for rank in results for r in rank}
         metadata.storage_meta = self.storage_meta()
-        target = resolve(posixpath.join(self._url, METADATA), self._storage_options)
+        target = inside(self._location, posixpath.join(self._url, METADATA))
         data = pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
         write_with_retries(target, lambda sink: _write_all(sink, data))
 
 
 def _write_all(sink: Sink, data: bytes) -> None:
     sink.write(data)
+
+
+def inside(location: Location, url: str) -> Location:
+    """The ``Location`` of ``url``, a path under ``location``'s URL, on the same client."""
+    relative = url[len(location.url) :].lstrip("/")
+    return Location(location.fs, posixpath.join(location.path, relative), url)
 
 
 def write(

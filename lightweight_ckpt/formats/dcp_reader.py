@@ -330,6 +330,8 @@ def reader_for(location: Location, storage_options: Any) -> SafeReader:
         reader = SafeFileSystemReader(location.path)
     else:
         reader = SafeFsspecReader(location.url, **dict(storage_options or {}))
+        dcp_fs: Any = reader.fs
+        dcp_fs.fs = location.fs  # the client ``storage`` configured (timeouts), and its caches
     reader.location = location
     return reader
 
