@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -416,8 +416,12 @@ def plan_restore(
     *,
     target_of: Callable[[nn.Module], StateDict] = module_target,
     group_sizes: Callable[[torch.optim.Optimizer], list[int]] = group_sizes_of,
+    available: Collection[str] | None = None,
 ) -> RestorePlan:
     """Check that ``checkpoint`` fits ``state`` and plan the restore; change nothing.
+
+    ``available``: every top-level key the checkpoint holds, where ``checkpoint`` carries only
+    the requested ones (a sharded template); named in the missing-keys message.
 
     Every entry is checked before anything is raised, and one error lists every problem of
     every entry, sorted by state key: requested keys the checkpoint lacks (``strict``), module
@@ -453,7 +457,8 @@ def plan_restore(
             continue
         bindings += found
     missing = sorted(k for k in state if k not in checkpoint)
-    _raise_problems(path, strict, missing, list(checkpoint), sorted(problems))
+    holds = list(checkpoint if available is None else available)
+    _raise_problems(path, strict, missing, holds, sorted(problems))
     report = LoadReport(
         path=path,
         strict=strict,

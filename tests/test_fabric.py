@@ -558,6 +558,35 @@ def test_strict_shape_mismatch_raises_and_changes_nothing_at_all(fabric, tmp_pat
     assert target["step"] == 0
 
 
+def test_strict_error_lists_every_bad_entry_and_missing_key(fabric, tmp_path):
+    """Two modules that do not fit and a key the file lacks: one error names all of them."""
+    saved, model = linear_pair(saved_out=2, loaded_out=3)
+    path = tmp_path / "state.ckpt"
+    fabric.save(path, {"ema": nn.Linear(2, 2, bias=False), "model": saved, "step": 4})
+    target = {"model": model, "ema": nn.Linear(2, 2, bias=True), "step": 0, "epoch": 1}
+    before = snapshot_state(target)
+
+    with pytest.raises(MissingKeysError) as info:
+        fabric.load(path, target)
+
+    message = str(info.value)
+    assert isinstance(info.value, KeyError)
+    assert message.startswith(f"{path}: the checkpoint lacks the requested keys ['epoch']")
+    assert message.index("['epoch']") < message.index("state['ema']")
+    assert message.index("state['ema']") < message.index("state['model']")
+    assert "missing ['bias']" in message
+    assert "1.weight: [2, 4] in checkpoint vs [3, 4]" in message
+    assert_states_equal(snapshot_state(target), before)
+
+    del target["epoch"]
+    with pytest.raises(StateMismatchError) as info:
+        fabric.load(path, target)
+    assert not isinstance(info.value, KeyError)
+    assert "state['ema']" in str(info.value)
+    assert "state['model']" in str(info.value)
+    assert_states_equal(snapshot_state(target), {k: v for k, v in before.items() if k != "epoch"})
+
+
 def test_optimizer_with_other_parameters_is_a_mismatch_and_changes_nothing(fabric, tmp_path):
     state = make_state()
     path = tmp_path / "state.ckpt"

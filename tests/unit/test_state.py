@@ -288,6 +288,17 @@ def test_strict_plan_lists_every_entry_problem_in_one_error_sorted():
     assert message.index("state['model']") < message.index("state['optimizer']")
 
 
+def test_plan_names_every_available_key_when_given_a_partial_checkpoint():
+    """A sharded template carries only the requested entries; the message names all of them."""
+    target = {"model": Tiny(), "ema": Tiny()}
+    partial = {"model": checkpoint_of({"model": Tiny()})["model"]}
+
+    with pytest.raises(MissingKeysError) as info:
+        plan_restore("dir", target, partial, strict=True, available=["model", "step", "zz"])
+
+    assert "lacks the requested keys ['ema'] (it holds ['model', 'step', 'zz'])" in str(info.value)
+
+
 def test_non_strict_plan_raises_only_for_what_strict_false_cannot_skip():
     source = {"model": Tiny(), "other": Tiny()}
     checkpoint = checkpoint_of(source)
