@@ -60,9 +60,9 @@ class FetchedItems:
     (the bytes at their offset in the piece), the bytes themselves, or None (fetch again).
     """
 
-    def __init__(self, location: Location, keep_bytes: int = KEEP_BYTES) -> None:
+    def __init__(self, location: Location, keep_bytes: int | None = None) -> None:
         self.location = location
-        self.keep_bytes = keep_bytes
+        self.keep_bytes = KEEP_BYTES if keep_bytes is None else keep_bytes
         self._lock = threading.Lock()
         self._kept: dict[tuple[str, int], memoryview] = {}
         self._kept_bytes = 0

@@ -17,7 +17,8 @@ import torch
 from torch.distributed.checkpoint.metadata import Metadata
 
 from lightweight_ckpt import CorruptCheckpointError, Fabric
-from lightweight_ckpt.formats import dcp_dir
+from lightweight_ckpt.config import override
+from lightweight_ckpt.formats import dcp_dir, dcp_remote
 from lightweight_ckpt.storage import resolve
 from lightweight_ckpt.strategies import FSDPStrategy
 from tests.cloud.test_cloud_retries import Proxied, _proxied
@@ -244,3 +245,57 @@ def _fetched(proxied: Proxied, name: str) -> int:
         for method, target, length, _ in proxied.proxy.requests
         if method == "GET" and name in target
     )
+
+
+# -- the read: straight into the targets; without a spool, fetched again and checked -----------
+
+
+def test_tensors_are_read_straight_into_their_targets(
+    proxied: Proxied, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only non-tensor values take DCP's own steps (``torch.load`` of the item, then a copy)."""
+    url = proxied.store.url("run", "sharded")
+    expected = _save(proxied, url, seed=1, options=proxied.store.storage_options)
+    values = [
+        fqn
+        for fqn, item in _metadata(proxied, url).state_dict_metadata.items()
+        if type(item).__name__ == "BytesStorageMetadata"
+    ]
+    slow: list[str] = []
+    original = dcp_remote.read_item
+
+    def read_item(request: Any, *args: Any) -> None:
+        slow.append(request.storage_index.fqn)
+        original(request, *args)
+
+    monkeypatch.setattr(dcp_remote, "read_item", read_item)
+    model, optimizer = _trained(99)
+    assert_states_differ(snapshot(model), expected["model"])
+    pointers = [param.data_ptr() for param in model.parameters()]
+    state: dict[str, Any] = {"model": model, "optimizer": optimizer, "step": 0}
+
+    Fabric().load(url, state, storage_options=proxied.options)
+
+    assert_states_equal(snapshot(model), expected["model"])
+    assert_states_equal(optimizer.state_dict()["state"], expected["optimizer"]["state"])
+    assert [param.data_ptr() for param in model.parameters()] == pointers
+    assert sorted(slow) == sorted(values)
+
+
+def test_without_a_spool_items_beyond_the_budget_are_fetched_again(
+    proxied: Proxied, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``LWCKPT_SPOOL_DIR=none`` and no memory budget: the read fetches every item again."""
+    url = proxied.store.url("run", "sharded")
+    expected = _save(proxied, url, seed=1, options=proxied.store.storage_options)
+    total = sum(int(info.length) for info in _metadata(proxied, url).storage_data.values())
+    monkeypatch.setattr(dcp_remote, "KEEP_BYTES", 0)
+    proxied.proxy.requests.clear()
+
+    with override(spool_dir="none"):
+        state = _load(url, proxied.options, expected)
+
+    assert_states_equal(snapshot(state["model"]), expected["model"])
+    assert_states_equal(state["optimizer"].state_dict()["state"], expected["optimizer"]["state"])
+    fetched = sum(_piece_gets(proxied))
+    assert 2 * total <= fetched < 2 * total + 128 * 1024  # verified, then read: twice
