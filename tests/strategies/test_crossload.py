@@ -32,6 +32,7 @@ from tests.strategies.test_matrix import (
     perturb,
     reference,
     train_steps,
+    wrap,
 )
 
 
@@ -56,7 +57,7 @@ def gather_error_types(error: BaseException | None) -> list[str | None]:
 # -- DDP file → FSDP2 model ----------------------------------------------------------------------
 
 
-def _ddp_file_into_fsdp2(rank: int, world_size: int, directory: str) -> None:
+def _ddp_file_into_fsdp(rank: int, world_size: int, kind: str, directory: str) -> None:
     path = os.path.join(directory, "ddp.pt")
     ddp, ddp_optimizer = build("ddp", arch="mlp")
     Fabric(strategy="ddp").save(path, {"model": ddp, "optimizer": ddp_optimizer, "step": 2})
@@ -64,24 +65,23 @@ def _ddp_file_into_fsdp2(rank: int, world_size: int, directory: str) -> None:
     expected_by_name = by_name(ddp.module, expected["optimizer"]["state"])
 
     # weights only
-    model, optimizer = build("fsdp2", seed=5, steps=1)
-    assert_states_differ(reference("fsdp2", model, optimizer)["model"], expected["model"])
+    model, optimizer = build(kind, seed=5, steps=1)
+    assert_states_differ(reference(kind, model, optimizer)["model"], expected["model"])
     fabric = Fabric()
     remainder = fabric.load(path, {"model": model})
     assert isinstance(fabric.strategy, FSDPStrategy)
     assert set(remainder) == {"optimizer", "step"}
-    assert_states_equal(reference("fsdp2", model, optimizer)["model"], expected["model"])
+    assert_states_equal(reference(kind, model, optimizer)["model"], expected["model"])
 
     # weights and optimizer: the index-keyed DDP optimizer state lands on the named parameters
-    model, optimizer = build("fsdp2", seed=5, steps=1)
+    # (FSDP1: renamed to the names of the parameters its flattened optimizer updates)
+    model, optimizer = build(kind, seed=5, steps=1)
     perturb(model, optimizer)
-    assert_states_differ(
-        reference("fsdp2", model, optimizer)["optimizer"]["state"], expected_by_name
-    )
+    assert_states_differ(reference(kind, model, optimizer)["optimizer"]["state"], expected_by_name)
     state = {"model": model, "optimizer": optimizer, "step": 0}
     assert fabric.load(path, state) == {}
     assert state["step"] == 2
-    after = reference("fsdp2", model, optimizer)
+    after = reference(kind, model, optimizer)
     assert_states_equal(after["model"], expected["model"])
     assert_states_equal(after["optimizer"]["state"], expected_by_name)
     assert after["optimizer"]["param_groups"][0]["lr"] == 1e-2
@@ -89,8 +89,9 @@ def _ddp_file_into_fsdp2(rank: int, world_size: int, directory: str) -> None:
 
 
 @pytest.mark.distributed
-def test_ddp_file_into_fsdp2_model(tmp_path: Path) -> None:
-    run_distributed(_ddp_file_into_fsdp2, 2, tmp_path, args=(str(tmp_path),))
+@pytest.mark.parametrize("kind", ["fsdp1", "fsdp2"])
+def test_ddp_file_into_fsdp_model(tmp_path: Path, kind: str) -> None:
+    run_distributed(_ddp_file_into_fsdp, 2, tmp_path, args=(kind, str(tmp_path)))
 
 
 # -- FSDP full file → DDP model ------------------------------------------------------------------
@@ -382,6 +383,52 @@ def _strictness(rank: int, world_size: int, directory: str) -> None:
 @pytest.mark.distributed
 def test_strict_and_non_strict_sharded_load(tmp_path: Path) -> None:
     run_distributed(_strictness, 2, tmp_path, args=(str(tmp_path),))
+
+
+def _narrowed(kind: str) -> nn.Module:
+    """``mlp`` with its middle layer 6 wide instead of 8: the same keys, other shapes."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 4))
+    return wrap(kind, model)
+
+
+def _shortened(kind: str) -> nn.Module:
+    """``mlp`` without its last layer: the checkpoint holds keys ("4.*") it lacks."""
+    torch.manual_seed(5)
+    return wrap(kind, nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)))
+
+
+def _strict_mismatches(rank: int, world_size: int, kind: str, directory: str) -> None:
+    path = os.path.join(directory, "sharded")
+    model, optimizer = build(kind)
+    fabric = Fabric()
+    fabric.save(path, {"model": model, "optimizer": optimizer})
+    expected = full_model(model)
+    for make, names in ((_shortened, ["4.bias", "4.weight"]), (_narrowed, ["2.weight"])):
+        target = make(kind)
+        before = full_model(target)
+        error = _load_error(fabric, path, {"model": target})
+        assert isinstance(error, StateMismatchError), repr(error)
+        assert path in str(error)
+        for name in names:
+            assert name in str(error)
+        assert gather_error_types(error) == ["StateMismatchError"] * world_size
+        assert_states_equal(full_model(target), before)  # nothing loaded
+    # non-strict: the shortened model takes what it has, bitwise
+    target = _shortened(kind)
+    fabric.load(path, {"model": target}, strict=False)
+    report = fabric.last_load_report
+    assert report is not None
+    assert report.entries["model"].unexpected_keys == ("4.bias", "4.weight")
+    got = full_model(target)
+    assert_states_equal(got, {k: v for k, v in expected.items() if not k.startswith("4.")})
+    fabric.barrier()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("kind", ["fsdp1", "fsdp2"])
+def test_strict_sharded_load_refuses_unexpected_keys_and_shapes(tmp_path: Path, kind: str) -> None:
+    run_distributed(_strict_mismatches, 2, tmp_path, args=(kind, str(tmp_path)))
 
 
 # -- a sharded save to memory:// in one process, no process group ------------------------------

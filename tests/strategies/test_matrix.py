@@ -13,6 +13,8 @@ The helpers here (``build``, ``reference``, ``perturb``) are shared with ``test_
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +209,32 @@ def test_round_trip_matrix(tmp_path: Path, kind: str, world_size: int) -> None:
     directory.mkdir()
     run_distributed(_round_trip, world_size, tmp_path, args=(kind, str(directory)))
     _check_layout(kind, directory, world_size)
+    if kind in SHARDED_KINDS and world_size == 2:
+        _check_consolidated(directory, tmp_path / "consolidated.pt")
+
+
+def _check_consolidated(directory: Path, out: Path) -> None:
+    """``python -m lightweight_ckpt consolidate`` of the world-2 checkpoint: the full state."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightweight_ckpt",
+            "consolidate",
+            str(directory / "ckpt"),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    consolidated = torch.load(out, weights_only=True)
+    expected = torch.load(directory / "expected.pt", weights_only=True)
+    assert consolidated["step"] == 2
+    assert_states_equal(consolidated["model"], expected["model"])
+    assert_states_equal(consolidated["optimizer"]["state"], expected["optimizer"]["state"])
 
 
 def _load_at_other_world(rank: int, world_size: int, kind: str, directory: str) -> None:

@@ -9,10 +9,13 @@ Real processes, gloo on CPU, real SIGKILL, nothing mocked.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import shutil
 import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -241,6 +244,89 @@ def test_rank_killed_during_sharded_save(
     folder = assert_commit_complete(path)
     assert versions(path) == [folder]
     assert Fabric().load(path)["step"] == 3
+
+
+class _DieWhileWritingPiece(TorchCheckpointIO):
+    """SIGKILLs rank 1 during the second sharded save, once its piece file holds bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.saves = 0
+
+    def save_sharded(
+        self, checkpoint: Any, path: Any, version: str, storage_options: Any = None
+    ) -> None:
+        self.saves += 1
+        if self.saves == 2 and dist.get_rank() == 1:
+            piece = Path(path) / version / "__1_0.distcp"
+            threading.Thread(target=_kill_once_written, args=(piece,), daemon=True).start()
+        super().save_sharded(checkpoint, path, version, storage_options)
+
+
+def _kill_once_written(piece: Path) -> None:
+    while True:
+        with contextlib.suppress(FileNotFoundError):
+            if piece.stat().st_size > 0:
+                os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(0.0005)
+
+
+def _wide_fsdp2() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """One FSDP2 ``Linear(2048, 2048)`` + AdamW after a step: a piece of ~24 MB per rank."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = fully_shard(torch.nn.Linear(2048, 2048))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(2, 2048)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def _killed_mid_piece(rank: int, world_size: int, directory: str) -> None:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from tests.strategies.test_matrix import FULL
+
+    path = os.path.join(directory, "sharded")
+    model, optimizer = _wide_fsdp2()
+    fabric = Fabric(strategy=FSDPStrategy(checkpoint_io=_DieWhileWritingPiece()))
+    fabric.save(path, {"model": model, "optimizer": optimizer, "step": 1})
+    first = get_model_state_dict(model, options=FULL)
+    if rank == 0:
+        torch.save(first, os.path.join(directory, "first.pt"))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)
+    fabric.barrier()
+    try:  # rank 1 dies writing its piece; rank 0 must raise (never return, never hang)
+        fabric.save(path, {"model": model, "optimizer": optimizer, "step": 2})
+    except Exception as err:  # noqa: BLE001 - whatever it is, it is recorded for the test
+        Path(directory, f"raised-{rank}").write_text(f"{type(err).__name__}: {err}")
+        os._exit(0)  # the group has lost a rank: leave without tearing it down
+    Path(directory, f"returned-{rank}").write_text("")
+
+
+@pytest.mark.distributed
+def test_rank_killed_while_writing_its_piece(tmp_path: Path) -> None:
+    with pytest.raises(AssertionError, match=r"exited with codes \[0, -9\]"):
+        run_distributed(
+            _killed_mid_piece, 2, tmp_path, args=(str(tmp_path),), timeout_s=HANG_GUARD_S
+        )
+    assert (tmp_path / "raised-0").exists()  # the survivor raised
+    assert not list(tmp_path.glob("returned-*"))
+    path = tmp_path / "sharded"
+    committed = assert_commit_complete(path)
+    abandoned = [v for v in versions(path) if v != committed]
+    assert len(abandoned) == 1
+    assert (path / abandoned[0] / "__1_0.distcp").stat().st_size > 0  # killed mid-piece
+    first = torch.load(tmp_path / "first.pt", weights_only=True)
+    model = torch.nn.Linear(2048, 2048)
+    assert_states_differ(model, first)
+    state: dict[str, Any] = {"model": model, "step": 0}
+    Fabric().load(path, state)  # the previous checkpoint, whole
+    assert state["step"] == 1
+    assert_states_equal(model, first)
 
 
 # -- damaged directories (one process, no process group) -----------------------------------------
