@@ -13,9 +13,16 @@ fsspec writer lacks, without changing the format:
 - **Safe loads.** DCP unpickles ``.metadata`` with plain ``pickle`` and non-tensor values with
   ``weights_only=False``; we read ``.metadata`` through an allowlist of DCP's metadata classes
   and load values with ``weights_only=True``, so a checkpoint cannot run code on load
-  (``formats.dcp_reader``; on object stores items are read whole, retried: ``dcp_remote``).
+  (``formats.dcp_reader``; on object stores items are verified as parallel streams, fetched
+  once and copied straight into their targets: ``dcp_remote``).
+- **Object stores.** Elsewhere than on local disk each piece and checksum record is a
+  ``storage.staged_write`` (S3 multipart / GCS composite uploads: parallel parts, bounded
+  memory, a progress bar, aborted on failure) instead of DCP's ``fs.open``; DCP's reader and
+  writer use the ``Location``'s own client. Every metadata call (``.metadata``, the piece
+  listing, records) is retried on transient faults (``storage.call_with_retries``).
 - **Our errors.** DCP's ``CheckpointException`` (a ``BaseException``) becomes a
-  ``CheckpointError`` naming the path.
+  ``CheckpointError`` naming the path: a store that failed for good is a
+  ``CheckpointReadError``/``CheckpointWriteError`` (``storage.storage_error``), never damage.
 - **No ``.metadata``, no checkpoint.** A folder without it (an interrupted first save) raises
   ``CheckpointNotFoundError``.
 """

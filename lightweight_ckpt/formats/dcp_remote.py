@@ -8,8 +8,9 @@ filesystem but the local disk (``dcp_reader.SafeFsspecReader``):
   ``io_threads`` parallel streams (``formats.ranges``: one ranged GET per stream on S3,
   successive ``chunk_bytes`` ranges elsewhere; a stream cut short resumes where it broke, within
   the retry policy) and their CRC32 checked against the piece's record. A piece whose wanted
-  items total at most ``chunk_bytes`` is fetched item by item instead (one retried ranged read
-  each; no stream set-up for readers that fetch one item per call, such as ``consolidate``).
+  items total at most ``chunk_bytes`` is fetched in one retried ranged read of their span (or
+  item by item, in parallel, where they lie far apart): no stream set-up for readers that fetch
+  one item per call, such as ``consolidate``.
 - **Fetched once.** The verified bytes go to a *spool*, an unnamed local temporary file per
   piece (``LWCKPT_SPOOL_DIR``; ``ranges.open_spool``), at their offsets in the piece. Where no
   spool can be had, up to ``KEEP_BYTES`` of them stay in memory and the rest are dropped and
@@ -30,6 +31,7 @@ import http.client
 import io
 import posixpath
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import IO, TYPE_CHECKING, Any
 
 import torch
@@ -117,8 +119,8 @@ class FetchedItems:
             checked.append(Record(name, offset, length, expected[1]))
             self._crcs[relative, offset] = expected[1]
         actual: list[int | None]
-        if sum(item.size for item in checked) <= settings().chunk_bytes:
-            actual = [self._fetch_small(relative, item) for item in checked]
+        if checked and sum(item.size for item in checked) <= settings().chunk_bytes:
+            actual = self._fetch_small(relative, checked)
         else:
             actual = self._stream_piece(relative, checked, record["size"], problems)
         for item, crc in zip(checked, actual, strict=True):
@@ -130,10 +132,22 @@ class FetchedItems:
                 )
         return problems
 
-    def _fetch_small(self, relative: str, item: Record) -> int:
-        data = self.fetch(relative, item.offset, item.size)
-        self._keep(relative, item.offset, memoryview(data))
-        return crc32(data, 0)
+    def _fetch_small(self, relative: str, checked: list[Record]) -> list[int | None]:
+        """Fetch a few small items: their span in one read, or each on its own, in parallel."""
+        start = min(item.offset for item in checked)
+        end = max(item.offset + item.size for item in checked)
+        if end - start <= 2 * sum(item.size for item in checked):  # neighbours (the usual case)
+            span = memoryview(self.fetch(relative, start, end - start))
+            views = [span[i.offset - start : i.offset - start + i.size] for i in checked]
+        else:
+            threads = max(1, min(settings().io_threads, len(checked)))
+            with ThreadPoolExecutor(threads, thread_name_prefix="lwckpt-get") as pool:
+                views = list(
+                    pool.map(lambda i: memoryview(self.fetch(relative, i.offset, i.size)), checked)
+                )
+        for item, view in zip(checked, views, strict=True):
+            self._keep(relative, item.offset, view)
+        return [crc32(view, 0) for view in views]
 
     def _stream_piece(
         self, relative: str, checked: list[Record], recorded_size: int, problems: list[str]
