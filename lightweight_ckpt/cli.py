@@ -24,20 +24,25 @@ Exit codes as ``diff(1)``: 0 equal, 1 different, 2 an error.
 (temp files, unreferenced sharded versions; ``lightweight_ckpt.manager.orphans``); ``--delete``
 removes them.
 
-Every command takes ``--storage-option KEY=VALUE`` (repeatable) and prints JSON with ``--json``.
+Every command takes ``--storage-option KEY=VALUE`` (repeatable; VALUE is read as JSON when it
+parses, so ``anon=false``, ``retries=3`` and ``client_kwargs={"region_name": "eu-west-1"}`` are a
+bool, a number and a dict, and anything else stays a string) and prints JSON with ``--json``.
 Long operations (consolidate, convert, verify, diff) show a progress bar on stderr when it is a
 terminal and tqdm is installed (``lightweight-ckpt[progress]``); ``--quiet`` turns it off.
-Exit codes: 0 done, 1 a checkpoint error or damage found (message on stderr), 2 bad usage.
+Exit codes: 0 done, 1 a checkpoint error, a storage failure, a missing extra or damage found
+(one ``error: ...`` line on stderr, no traceback), 2 bad usage. Our own log lines (INFO) go to
+stderr; the storage clients' loggers stay quiet.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -50,23 +55,37 @@ from lightweight_ckpt.formats import dcp_dir, torch_writer, xla_shards
 from lightweight_ckpt.manager.orphans import DEFAULT_OLDER_THAN_S, find_orphans, remove_orphans
 from lightweight_ckpt.progress import progress_bar, wants_progress
 from lightweight_ckpt.storage import (
+    Location,
     abort_incomplete_uploads,
+    call_with_retries,
+    classify_failure,
     incomplete_uploads,
     open_source,
     resolve,
     staged_write,
 )
 
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
 log = logging.getLogger("lightweight_ckpt")
 
 
-def _options(pairs: list[str]) -> dict[str, Any]:
+def parse_storage_options(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs to fsspec options: VALUE as JSON where it parses, else the string.
+
+    Raises:
+        ValueError: a pair without ``=`` or with an empty key.
+    """
     options: dict[str, Any] = {}
     for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--storage-option needs KEY=VALUE, got {pair!r}")
-        options[key] = value
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--storage-option needs KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = json.loads(text)
+        except ValueError:  # an endpoint URL, a bucket name, a path: a plain string
+            options[key] = text
     return options
 
 
@@ -164,10 +183,14 @@ def _leaves(tree: Any, prefix: str = "") -> list[dict[str, Any]]:
     return [{"name": prefix, "kind": type(tree).__name__, "value": shown}]
 
 
+def _is_sharded(location: Location) -> bool:
+    return call_with_retries(location.url, "reading", lambda: dcp_dir.is_sharded(location))
+
+
 def inspect_checkpoint(path: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Describe a checkpoint without reading tensor data: rows per leaf and totals."""
     location = resolve(path, options)
-    if dcp_dir.is_sharded(location):
+    if _is_sharded(location):
         metadata = dcp_dir.read_metadata(location, options)
         tree = dcp_dir.skeleton(metadata)  # unread tensors: no data is loaded
         dcp_dir.read_values(location, options, metadata, tree, weights_only=True)
@@ -197,7 +220,7 @@ def verify_checkpoint(
     ``progress`` shows a bar on stderr while a single file's records are checked (needs tqdm).
     """
     location = resolve(path, options)
-    if dcp_dir.is_sharded(location):
+    if _is_sharded(location):
         problems, checked, what = dcp_dir.verify(location, options)
     else:
         source = open_source(location)
@@ -260,15 +283,53 @@ def main(argv: list[str] | None = None) -> int:
     _add_tool_commands(commands)
     _add_clean_uploads(commands)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    options = _options(args.storage_option)
     try:
-        # The commands draw their own bars; a second one per transfer would only repeat them.
-        with config.override(progress="off"):
-            return _run(args, options)
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)  # noqa: T201 - the CLI talks to a person
-        return 1
+        options = parse_storage_options(args.storage_option)
+    except ValueError as err:
+        parser.error(str(err))  # exits with 2
+    failed = 2 if args.command == "diff" else 1  # diff(1): 1 means "different"
+    with _logging_to_stderr():
+        try:
+            # The commands draw their own bars; a second one per transfer would only repeat them.
+            with config.override(progress="off"):
+                return _run(args, options)
+        except (CheckpointError, ImportError) as err:  # ImportError: a missing extra, its hint
+            return _error(str(err), failed)
+        except Exception as err:
+            # a client's own failure that no layer translated (an OSError, a botocore error)
+            if not isinstance(err, OSError) and classify_failure(err) is None:
+                raise  # a bug: its traceback is the report
+            return _error(f"{type(err).__name__}: {err}", failed)
+
+
+def _error(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)  # noqa: T201 - the CLI talks to a person
+    return code
+
+
+@contextlib.contextmanager
+def _logging_to_stderr() -> Iterator[None]:
+    """Our logger at INFO on stderr; other loggers (gcsfs, botocore) silent, root untouched.
+
+    A NullHandler on the root keeps Python's last-resort handler from printing the clients'
+    warnings and tracebacks (gcsfs logs each request that ran out of retries) under our error.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    quiet = logging.NullHandler()
+    root = logging.getLogger()
+    previous = log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    root.addHandler(quiet)
+    try:
+        yield
+    finally:
+        root.removeHandler(quiet)
+        log.removeHandler(handler)
+        log.setLevel(previous[0])
+        log.propagate = previous[1]
 
 
 def _run(args: argparse.Namespace, options: dict[str, Any]) -> int:
@@ -427,7 +488,9 @@ def _add_clean_uploads(commands: Any) -> None:
         "clean-uploads",
         help="list (or --abort) S3 multipart uploads (GCS: components) left by killed saves",
     )
-    clean.add_argument("url", help="s3://bucket/prefix: uploads whose key starts with it")
+    clean.add_argument(
+        "url", help="s3://bucket/prefix or gs://bucket/prefix: uploads whose key starts with it"
+    )
     clean.add_argument(
         "--older-than",
         type=float,
@@ -454,7 +517,8 @@ def _run_clean_uploads(args: argparse.Namespace, options: dict[str, Any]) -> int
         action = "aborted" if args.abort else "incomplete"
         print(f"{action} {upload.url} (upload {upload.upload_id}, started {upload.initiated})")  # noqa: T201
     hint = "" if args.abort or not uploads else "; pass --abort to abort them"
-    print(f"{args.url}: {len(uploads)} incomplete multipart uploads{hint}")  # noqa: T201
+    what = "multipart uploads" if location.protocol in ("s3", "s3a") else "uploads (components)"
+    print(f"{args.url}: {len(uploads)} incomplete {what}{hint}")  # noqa: T201
     return 0
 
 

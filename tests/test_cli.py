@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 from lightweight_ckpt import Fabric
@@ -217,3 +219,129 @@ def test_inspect_and_verify_a_safetensors_file(tmp_path: Path) -> None:
     damaged = _cli("verify", str(tmp_path / "m.st"))
     assert damaged.returncode == 1
     assert "truncated or padded" in damaged.stderr
+
+
+# -- storage options, errors and logging -------------------------------------------------------
+
+
+def test_storage_option_values_are_read_as_json_or_kept_as_strings() -> None:
+    from lightweight_ckpt.cli import parse_storage_options
+
+    options = parse_storage_options(
+        [
+            "anon=false",  # a bool: the string "false" would turn anonymous access on
+            "use_ssl=true",
+            "retries=3",
+            "requests_timeout=2.5",
+            'client_kwargs={"region_name": "eu-west-1"}',
+            "endpoint_url=http://127.0.0.1:9000",
+            "token=anon",
+            'project="123"',  # quoted: stays a string
+            "empty=",
+            "expr=a=b",
+        ]
+    )
+    assert options == {
+        "anon": False,
+        "use_ssl": True,
+        "retries": 3,
+        "requests_timeout": 2.5,
+        "client_kwargs": {"region_name": "eu-west-1"},
+        "endpoint_url": "http://127.0.0.1:9000",
+        "token": "anon",
+        "project": "123",
+        "empty": "",
+        "expr": "a=b",
+    }
+
+
+def test_a_storage_option_without_a_value_is_a_usage_error(tmp_path: Path) -> None:
+    result = _cli("inspect", str(tmp_path / "a.ckpt"), "--storage-option", "anon")
+    assert result.returncode == 2
+    assert "--storage-option needs KEY=VALUE, got 'anon'" in result.stderr
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "LWCKPT_RETRY_ATTEMPTS": "1"},
+    )
+
+
+def test_a_missing_extra_is_one_error_line_with_the_install_hint() -> None:
+    result = _run_python(
+        """
+        import sys
+        sys.modules["s3fs"] = None  # as if the s3 extra were not installed
+        from lightweight_ckpt.cli import main
+        raise SystemExit(main(["inspect", "s3://bucket/a.ckpt"]))
+        """
+    )
+    assert result.returncode == 1
+    assert result.stderr == (
+        "error: s3://bucket/a.ckpt: s3:// paths need an extra: pip install 'lightweight-ckpt[s3]'\n"
+    )
+
+
+def test_an_unreachable_store_is_one_error_line() -> None:
+    """Nothing listens at the endpoint: the client's error, named, without a traceback."""
+    pytest.importorskip("s3fs", reason="needs s3fs (pip install 'lightweight-ckpt[s3]')")
+    from tests.helpers.servers import free_port
+
+    options = [
+        *("--storage-option", f"endpoint_url=http://127.0.0.1:{free_port()}"),
+        *("--storage-option", "key=k", "--storage-option", "secret=s"),
+        *("--storage-option", 'client_kwargs={"region_name": "eu-west-1"}'),
+    ]
+    url = "s3://bucket/a.ckpt"
+    for command, code in ((["inspect", url], 1), (["diff", url, "s3://bucket/b.ckpt"], 2)):
+        result = _cli_env(*command, *options)
+        assert result.returncode == code, result.stderr
+        assert result.stderr.startswith("error: "), result.stderr
+        assert "EndpointConnectionError" in result.stderr
+        assert len(result.stderr.splitlines()) == 1, result.stderr  # no traceback, no log noise
+    assert url in _cli_env("verify", url, *options).stderr
+
+
+def _cli_env(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lightweight_ckpt", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "LWCKPT_RETRY_ATTEMPTS": "1"},
+    )
+
+
+def test_only_our_log_lines_reach_stderr(tmp_path: Path) -> None:
+    """Our INFO lines show; a client library's INFO and ERROR records (gcsfs logs a traceback
+    for each request out of retries) do not, and the root logger is left as it was."""
+    _sharded_checkpoint(tmp_path / "sharded")
+    result = _run_python(
+        f"""
+        import logging
+        from lightweight_ckpt import cli
+
+        run = cli._run
+
+        def noisy_run(args, options):  # what botocore and gcsfs log while a command runs
+            logging.getLogger("botocore.credentials").info("third-party info")
+            logging.getLogger("gcsfs").error("third-party error")
+            return run(args, options)
+
+        cli._run = noisy_run
+        root = logging.getLogger()
+        before = (list(root.handlers), root.level)
+        code = cli.main(["consolidate", {str(tmp_path / "sharded")!r}, {str(tmp_path / "f.pt")!r}])
+        assert (list(root.handlers), root.level) == before, (root.handlers, root.level)
+        raise SystemExit(code)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "consolidated " in result.stderr  # ours, at INFO
+    assert "third-party" not in result.stderr

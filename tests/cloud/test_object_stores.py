@@ -26,7 +26,12 @@ from lightweight_ckpt.strategies import DDPStrategy, FSDPStrategy
 from tests.helpers.asserts import assert_states_differ, assert_states_equal, snapshot
 from tests.helpers.distributed import run_distributed
 from tests.helpers.models import Tiny, fresh_like, make_state, train_steps
-from tests.helpers.servers import GCSFS_LARGE_BODY_WARNING, Store, open_store
+from tests.helpers.servers import (
+    GCSFS_LARGE_BODY_WARNING,
+    Store,
+    cli_storage_options,
+    open_store,
+)
 
 pytestmark = [pytest.mark.cloud, GCSFS_LARGE_BODY_WARNING]
 
@@ -236,12 +241,6 @@ def _opts(store: Store) -> dict[str, Any]:
     return {"storage_options": store.storage_options}
 
 
-def _cli_options(store: Store) -> list[str]:
-    """The store's options as ``--storage-option KEY=VALUE`` (string values only)."""
-    options = {k: v for k, v in store.storage_options.items() if isinstance(v, str)}
-    return [arg for key, value in options.items() for arg in ("--storage-option", f"{key}={value}")]
-
-
 def test_consolidate_cli_reads_a_sharded_checkpoint_from_the_store(
     store: Store, tmp_path: Path
 ) -> None:
@@ -259,7 +258,8 @@ def test_consolidate_cli_reads_a_sharded_checkpoint_from_the_store(
             "consolidate",
             url,
             str(out),
-            *_cli_options(store),
+            # every option, typed: S3's client_kwargs={"region_name": ...} is a dict
+            *cli_storage_options(store.storage_options),
         ],
         capture_output=True,
         text=True,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import platform
 import posixpath
@@ -225,6 +226,22 @@ def gcs_storage_options(endpoint: str, block_bytes: int | None = None) -> dict[s
     if block_bytes is not None:
         options["block_size"] = block_bytes
     return options
+
+
+def cli_storage_options(options: dict[str, Any]) -> list[str]:
+    """``options`` as the CLI's ``--storage-option KEY=VALUE`` arguments, values typed.
+
+    Strings go as they are; anything else (``client_kwargs``' dict, a bool, a number) as JSON,
+    which the CLI reads back to the same value.
+    """
+    return [
+        arg
+        for key, value in options.items()
+        for arg in (
+            "--storage-option",
+            f"{key}={value if isinstance(value, str) else json.dumps(value)}",
+        )
+    ]
 
 
 def new_bucket_name() -> str:
