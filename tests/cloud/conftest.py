@@ -1,7 +1,8 @@
 """Cloud test fixtures: one local S3 and one local GCS server per session, a bucket per test.
 
 ``store`` runs a test on both: ``s3`` (moto) and ``gs`` (fake-gcs-server), each a process of its
-own on 127.0.0.1. A server that cannot start at all skips its tests with the reason.
+own on 127.0.0.1. A server that cannot start at all skips its tests with the reason; with the
+``CI`` environment variable set it fails them instead.
 """
 
 from __future__ import annotations
@@ -24,30 +25,32 @@ from tests.helpers.servers import (
     ServerUnavailable,
     Store,
     open_store,
+    require_module,
     running,
     start_fake_gcs,
     start_moto,
+    unavailable,
 )
 
 
 @pytest.fixture(scope="session")
 def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
-    pytest.importorskip("s3fs", reason="s3 tests need s3fs (pip install 'lightweight-ckpt[s3]')")
+    require_module("s3fs", "s3 tests need s3fs (pip install 'lightweight-ckpt[s3]')")
     try:
         with running(start_moto, tmp_path_factory.mktemp("moto")) as server:
             yield server
     except ServerUnavailable as err:
-        pytest.skip(f"no local S3 server: {err}")
+        unavailable(f"no local S3 server: {err}")
 
 
 @pytest.fixture(scope="session")
 def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
-    pytest.importorskip("gcsfs", reason="gs tests need gcsfs (pip install 'lightweight-ckpt[gcs]')")
+    require_module("gcsfs", "gs tests need gcsfs (pip install 'lightweight-ckpt[gcs]')")
     try:
         with running(start_fake_gcs, tmp_path_factory.mktemp("fake-gcs")) as server:
             yield server
     except ServerUnavailable as err:
-        pytest.skip(f"no local GCS server: {err}")
+        unavailable(f"no local GCS server: {err}")
 
 
 @pytest.fixture(params=PROTOCOLS)

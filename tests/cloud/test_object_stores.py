@@ -2,7 +2,8 @@
 
 Every test runs on both through ``store`` (a fresh bucket): round trips, overwrites, raw loads,
 ``load_raw`` of a plain ``torch.save`` file, a missing object, sharded (DCP) checkpoints in one
-process and ``consolidate`` on them, and a DDP save/load on two processes. Nothing is mocked.
+process and ``consolidate`` on them, and a DDP save/load on two processes (S3 and GCS). Nothing is
+mocked.
 """
 
 from __future__ import annotations
@@ -274,7 +275,7 @@ def test_consolidate_cli_reads_a_sharded_checkpoint_from_the_store(
     assert_states_equal(Fabric().load(out)["model"], model.state_dict())  # CRCs check out
 
 
-# -- DDP: two processes save to S3, both load ---------------------------------------------------
+# -- DDP: two processes save to the store, both load ---------------------------------------------
 
 
 def _ddp_round_trip(rank: int, world_size: int, url: str, options: dict[str, Any]) -> None:
@@ -305,12 +306,12 @@ def _ddp_round_trip(rank: int, world_size: int, url: str, options: dict[str, Any
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_ddp_world_2_saves_to_s3_and_every_rank_loads(s3_store: Store, tmp_path: Path) -> None:
-    url = s3_store.url("ddp", "last.ckpt")
-    run_distributed(_ddp_round_trip, 2, tmp_path, args=(url, s3_store.storage_options))
-    assert s3_store.objects() == ["ddp/last.ckpt"]
+def test_ddp_world_2_saves_to_the_store_and_every_rank_loads(store: Store, tmp_path: Path) -> None:
+    url = store.url("ddp", "last.ckpt")
+    run_distributed(_ddp_round_trip, 2, tmp_path, args=(url, store.storage_options))
+    assert store.objects() == ["ddp/last.ckpt"]
     # and it loads into a plain model in this process
     model = Tiny()
     before = snapshot(model)
-    Fabric().load(url, {"model": model}, strict=False, storage_options=s3_store.storage_options)
+    Fabric().load(url, {"model": model}, strict=False, storage_options=store.storage_options)
     assert_states_differ(model, before)

@@ -7,7 +7,9 @@ client without touching the server), polled until it answers, and stopped by its
         fs = s3fs.S3FileSystem(**s3_storage_options(server.endpoint))
 
 ``ServerUnavailable`` means the server binary could not be started at all (not installed, not
-executable, exits at once); the fixtures turn it into a skip naming the reason. ``open_store``
+executable, exits at once); the fixtures turn it into a skip naming the reason (``unavailable``),
+or a failure when the ``CI`` environment variable is set: there, a missing server or client
+library is a broken setup, not a reason to pass. ``open_store``
 is the body of a per-test fixture: a fresh bucket (``Store``) on the session's server, deleted
 afterwards. Nothing here talks to anything but 127.0.0.1.
 """
@@ -29,7 +31,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
@@ -47,6 +49,19 @@ START_ATTEMPTS = 3  # a free port can be taken between our probe and the server'
 
 class ServerUnavailable(RuntimeError):  # noqa: N818 - reads as a reason in the skip message
     """The server could not be started on this machine (the reason is the message)."""
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip the calling test for ``reason``; fail it instead under CI (``CI`` set, not 0/false)."""
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false"):
+        pytest.fail(f"{reason} (CI is set: cloud tests must run)", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_module(name: str, reason: str) -> None:
+    """``pytest.importorskip`` that fails under CI (see ``unavailable``)."""
+    if importlib.util.find_spec(name) is None:
+        unavailable(reason)
 
 
 @dataclass
@@ -364,16 +379,17 @@ def open_store(
 def s3_folder(log_dir: Path, folder: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """``s3://<fresh bucket>/<folder>`` on a local S3 server (moto), and its storage options.
 
-    Skips the calling test when s3fs or the server is not available; deletes the bucket after.
+    Skips the calling test (fails it under CI) when s3fs or the server is not available; deletes
+    the bucket after.
     """
-    pytest.importorskip("s3fs", reason="s3 tests need s3fs (pip install 'lightweight-ckpt[s3]')")
+    require_module("s3fs", "s3 tests need s3fs (pip install 'lightweight-ckpt[s3]')")
     import fsspec
 
     with contextlib.ExitStack() as stack:
         try:
             server = stack.enter_context(running(start_moto, log_dir))
         except ServerUnavailable as err:
-            pytest.skip(f"no local S3 server: {err}")
+            unavailable(f"no local S3 server: {err}")
         options = s3_storage_options(server.endpoint)
         fs = fsspec.filesystem("s3", **options)
         bucket = create_bucket(fs, "s3")
