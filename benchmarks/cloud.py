@@ -16,10 +16,18 @@ Loads restore in place into a live model and optimizer:
   ``load_state_dict``);
 - ``cat+torch.load``: ``fs.cat_file`` the object, ``torch.load`` the bytes, ``load_state_dict``.
 
+- ``lightning``: ``lightning.fabric.Fabric(accelerator="cpu", devices=1).load(url, state)``.
+
 Saves: ``ours`` (``Fabric().save``: streamed multipart on S3, parallel components composed on
 GCS; atomic), ``open+torch.save``
 (``torch.save`` into ``fs.open(url, "wb")``: streamed, not atomic), ``pipe+torch.save``
-(``torch.save`` into a BytesIO, then ``fs.pipe``).
+(``torch.save`` into a BytesIO, then ``fs.pipe``), ``lightning``
+(``lightning.fabric.Fabric(accelerator="cpu", devices=1).save(url, state)``).
+
+Lightning's ``save``/``load`` take no storage options: its worker hands the server's options to
+fsspec's own per-protocol defaults (``fsspec.config.conf``), which every filesystem it creates
+picks up. A contender that cannot run (``lightning`` not installed, or it refuses the URL) is
+recorded with its error in place of a time, as benchmarks/sharded.py records refusals.
 
     python benchmarks/cloud.py --size-mb 512 --stores s3,gs
 """
@@ -41,8 +49,8 @@ from torch import nn
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MB = 10**6
 SEED = 1234
-LOADS = ("ours", "ours-64MiB", "ours-old", "cat+torch.load")
-SAVES = ("ours", "open+torch.save", "pipe+torch.save")
+LOADS = ("ours", "ours-64MiB", "ours-old", "cat+torch.load", "lightning")
+SAVES = ("ours", "open+torch.save", "pipe+torch.save", "lightning")
 
 
 def build_state(size_mb: float) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -97,13 +105,16 @@ def run_worker_op(args: argparse.Namespace) -> dict[str, Any]:
 
     options = options_for(args.store, args.endpoint)
     fs, path = fsspec.core.url_to_fs(args.url, **options)
+    lightning = _lightning_fabric(args.store, options) if args.contender == "lightning" else None
     model, optimizer = build_state(args.size_mb)
     expected = digest(model, optimizer)
     checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
     state = {"model": model, "optimizer": optimizer}
 
     def save() -> None:
-        if args.contender == "ours":
+        if lightning is not None:
+            lightning.save(args.url, state)
+        elif args.contender == "ours":
             Fabric().save(args.url, state, storage_options=options)
         elif args.contender == "open+torch.save":
             with fs.open(path, "wb") as file:
@@ -114,6 +125,9 @@ def run_worker_op(args: argparse.Namespace) -> dict[str, Any]:
             fs.pipe_file(path, buffer.getvalue())
 
     def load() -> None:
+        if lightning is not None:
+            lightning.load(args.url, state)
+            return
         if args.contender == "ours":
             Fabric().load(args.url, state, storage_options=options)
             return
@@ -141,6 +155,22 @@ def run_worker_op(args: argparse.Namespace) -> dict[str, Any]:
     return {**measurement.to_json(), "state_bytes": nbytes}
 
 
+def _lightning_fabric(store: str, options: dict[str, Any]) -> Any:
+    """Lightning Fabric on one CPU device, its filesystems reaching the local server.
+
+    Exits with the import error when ``lightning`` is missing (recorded as the result).
+    """
+    import fsspec
+
+    try:
+        from lightning.fabric import Fabric as LightningFabric
+    except ImportError as exc:
+        raise SystemExit(f"cannot import lightning.fabric: {type(exc).__name__}: {exc}") from exc
+    for protocol in ("s3", "s3a") if store == "s3" else ("gs", "gcs"):
+        fsspec.config.conf[protocol] = dict(options)
+    return LightningFabric(accelerator="cpu", devices=1)
+
+
 def _worker_args(args: argparse.Namespace, **fields: str) -> list[str]:
     out = ["--worker", "--size-mb", str(args.size_mb)]
     for key, value in fields.items():
@@ -166,28 +196,49 @@ def run_store(store: str, args: argparse.Namespace, log_dir: Path) -> list[dict[
                 for rnd in range(args.rounds):
                     url = f"{store}://{bucket}/{'ours' if op == 'load' else name}.ckpt"
                     print(f"[{store}] round {rnd + 1}: {op} {name}", file=sys.stderr)
-                    result = harness.run_worker(
-                        Path(__file__),
-                        _worker_args(args, **common, url=url, op=op, contender=name),
-                        extra_pythonpath=[REPO_ROOT],
-                    )
+                    try:
+                        result = harness.run_worker(
+                            Path(__file__),
+                            _worker_args(args, **common, url=url, op=op, contender=name),
+                            extra_pythonpath=[REPO_ROOT],
+                        )
+                    except harness.WorkerError as exc:
+                        if name != "lightning":
+                            raise
+                        result = {"error": _last_line(str(exc))}
+                        print(f"[{store}] {op} {name} failed: {result['error']}", file=sys.stderr)
                     rows.append({"store": store, "op": op, "contender": name, **result})
     return rows
 
 
+def _last_line(text: str) -> str:
+    """The last non-empty line of a worker's failure (the exception it ended with)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else text[:300]
+
+
 def summarize(rows: list[dict[str, Any]]) -> list[list[object]]:
-    """Median time and worst peak per (store, op, contender), with ratios to the baseline."""
-    table = []
+    """Median time and worst peak per (store, op, contender), with ratios to the baseline.
+
+    A contender whose every run failed gets one row with its error instead of numbers.
+    """
+    table: list[list[object]] = []
     keys = sorted({(r["store"], r["op"], r["contender"]) for r in rows}, key=_order)
+    done = [r for r in rows if "error" not in r]
     medians = {
         key: harness.median(
-            [r["seconds"] for r in rows if (r["store"], r["op"], r["contender"]) == key]
+            [r["seconds"] for r in done if (r["store"], r["op"], r["contender"]) == key]
         )
         for key in keys
+        if any((r["store"], r["op"], r["contender"]) == key for r in done)
     }
     for key in keys:
         store, op, name = key
-        runs = [r for r in rows if (r["store"], r["op"], r["contender"]) == key]
+        runs = [r for r in done if (r["store"], r["op"], r["contender"]) == key]
+        if not runs:
+            error = next(r["error"] for r in rows if (r["store"], r["op"], r["contender"]) == key)
+            table.append([store, op, name, f"failed: {error}", "", "", "", ""])
+            continue
         state = runs[0]["state_bytes"]
         peak = max(r["peak_extra_rss"] for r in runs)
         base = medians[(store, op, "cat+torch.load" if op == "load" else "pipe+torch.save")]
@@ -221,7 +272,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         info = harness.machine_info(log_dir)
         for store in args.stores.split(","):
             rows += run_store(store, args, log_dir)
-    state = rows[0]["state_bytes"]
+    state = next(r["state_bytes"] for r in rows if "error" not in r)
     print(
         f"state: {state / MB:.0f} MB (Linear(2048, 2048) layers + AdamW moments); rounds: "
         f"{args.rounds} (median time, worst peak); servers: local moto / fake-gcs-server  \n"
