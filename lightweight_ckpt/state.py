@@ -510,6 +510,8 @@ def apply_restore(
         [torch.optim.Optimizer, StateDict, nn.Module | None], None
     ] = restore_optimizer,
     fill_targets: Callable[[], None] = lambda: None,
+    *,
+    rehearse: bool = True,
 ) -> Checkpoint:
     """Restore every entry of ``plan.state`` in place and return the remainder.
 
@@ -529,6 +531,8 @@ def apply_restore(
     replaced. What can still fail after that is the reading itself, or a hook that accepted
     the rehearsal but refuses the real bytes. FSDP1 modules and optimizers over sharded or
     flattened parameters are not rehearsed (their setters are DCP's collectives).
+    ``rehearse=False``: the caller ran ``rehearse_restore(plan)`` itself, before a read that
+    writes into the targets.
     """
     for binding in plan.bindings:
         if id(binding.source) in accepted:
@@ -541,10 +545,8 @@ def apply_restore(
     undo: list[Callable[[], None]] = []
     try:
         _restore_user_objects(state, checkpoint, users, undo)
-        for key in modules:
-            _rehearse_module(state[key], plan.module_dicts[key])
-        for key in optimizers:
-            _rehearse_optimizer(state[key], checkpoint[key])
+        if rehearse:
+            rehearse_restore(plan)
     except BaseException:
         for step in reversed(undo):
             step()
@@ -561,6 +563,22 @@ def apply_restore(
     if not plan.report.clean:
         log.warning("%s", plan.report)
     return {key: value for key, value in checkpoint.items() if key not in state}
+
+
+def rehearse_restore(plan: RestorePlan) -> None:
+    """Run what may refuse in each module's and optimizer's load, then undo it; write no tensor.
+
+    Raises whatever a load hook, ``set_extra_state``, a custom loader or an optimizer's
+    ``load_state_dict`` raises. Call it before anything writes into the targets (a fill, a
+    sharded read into the modules' own tensors); ``apply_restore`` calls it unless told not to.
+    """
+    for key, obj in plan.state.items():
+        if key not in plan.checkpoint:
+            continue
+        if isinstance(obj, nn.Module) and key in plan.module_dicts:
+            _rehearse_module(obj, plan.module_dicts[key])
+        elif isinstance(obj, torch.optim.Optimizer):
+            _rehearse_optimizer(obj, plan.checkpoint[key])
 
 
 def _restore_user_objects(

@@ -19,6 +19,7 @@ from lightweight_ckpt.state import (
     is_stateful,
     iter_tensors,
     plan_restore,
+    rehearse_restore,
     to_state_dict,
     unwrap_module,
 )
@@ -369,6 +370,44 @@ def test_apply_restore_loads_stateful_objects_before_modules():
         apply_restore(plan)
 
     assert_states_equal(target["model"], before)
+
+
+class Tagged(Tiny):
+    """A model with extra state; ``refuse`` makes ``set_extra_state`` raise."""
+
+    def __init__(self, tag: int, refuse: bool = False) -> None:
+        super().__init__()
+        self.tag, self.refuse = tag, refuse
+
+    def get_extra_state(self) -> Any:
+        return {"tag": self.tag}
+
+    def set_extra_state(self, state: Any) -> None:
+        if self.refuse:
+            raise RuntimeError("extra state refused")
+        self.tag = state["tag"]
+
+
+def test_rehearse_restore_runs_the_refusals_and_changes_nothing():
+    torch.manual_seed(1)
+    checkpoint = checkpoint_of({"model": Tagged(tag=1)})
+    torch.manual_seed(2)
+    accepting, refusing = Tagged(tag=2), Tagged(tag=2, refuse=True)
+    for model in (accepting, refusing):
+        before = snapshot(model)
+        assert_states_differ(model, checkpoint["model"])
+        plan = plan_restore("p", {"model": model}, checkpoint, strict=True)
+        if model.refuse:
+            with pytest.raises(RuntimeError, match="extra state refused"):
+                rehearse_restore(plan)
+        else:
+            rehearse_restore(plan)
+        assert_states_equal(model, before)
+        assert model.tag == 2
+
+    apply_restore(plan_restore("p", {"model": accepting}, checkpoint, strict=True))
+    assert_states_equal(accepting, checkpoint["model"])
+    assert accepting.tag == 1
 
 
 def test_apply_restore_puts_accepted_bindings_in_place_of_checkpoint_tensors():
