@@ -128,6 +128,9 @@ class Strategy:
     collective_hooks: bool = False
     """True where the state-dict hooks run collectives (FSDP): a load then computes every view
     of the state up front, on every rank in the same order (``steps.StateViews.prepare``)."""
+    targets_are_sharded_views: bool = False
+    """True where ``module_target`` is DCP's sharded model state dict and the optimizer's groups
+    are those of DCP's sharded optimizer state dict (FSDP): each is then computed once."""
 
     def __init__(self, checkpoint_io: CheckpointIO | None = None) -> None:
         self.checkpoint_io: CheckpointIO = checkpoint_io or TorchCheckpointIO()

@@ -103,6 +103,7 @@ class FSDPStrategy(Strategy):
     """
 
     collective_hooks = True
+    targets_are_sharded_views = True
 
     def __init__(
         self, checkpoint_io: CheckpointIO | None = None, state_dict_type: StateDictType = "sharded"

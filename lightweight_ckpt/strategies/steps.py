@@ -107,8 +107,13 @@ class StateViews:
         return self._get("target", module, lambda: self.strategy.module_target(module))  # type: ignore[no-any-return]
 
     def group_sizes(self, optimizer: torch.optim.Optimizer) -> list[int]:
-        """``strategy.optimizer_group_sizes`` for ``optimizer`` and the module it updates."""
+        """``strategy.optimizer_group_sizes`` for ``optimizer`` and the module it updates.
+
+        Where the targets are the sharded views, the groups of the sharded view are counted.
+        """
         module = owner_module(optimizer, self.state)
+        if self.strategy.targets_are_sharded_views and module is not None:
+            return [len(group["params"]) for group in self.sharded(optimizer)["param_groups"]]
         return self._get(  # type: ignore[no-any-return]
             "sizes", optimizer, lambda: self.strategy.optimizer_group_sizes(optimizer, module)
         )
@@ -117,6 +122,8 @@ class StateViews:
         """``sharded_view(obj)``: computed once for modules and optimizers; user objects fresh."""
         if not _is_hooked(obj):
             return sharded_view(obj, self.state)
+        if self.strategy.targets_are_sharded_views and isinstance(obj, nn.Module):
+            return self.target(obj)
         return self._get("sharded", obj, lambda: sharded_view(obj, self.state))
 
     def prepare(self) -> StateViews:
