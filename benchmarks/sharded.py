@@ -3,10 +3,13 @@
 The state is a stack of ``nn.Linear(d, d)`` layers, each wrapped with
 ``torch.distributed.fsdp.fully_shard`` (and the root too), plus AdamW after one real step; by
 default model + exp_avg + exp_avg_sq is ~400 MB in total, ~200 MB per rank. Every (round,
-contender, op) runs in a fresh group of 2 processes (``torchrun --standalone``, gloo on the CPU).
+contender, op) runs in a fresh group of 2 processes (``torchrun --standalone``, gloo on the CPU;
+``--device cuda``: NCCL, the state on GPU ``LOCAL_RANK``, ``--world-size`` up to the GPU count).
 Each rank builds the same state, takes a memory baseline, runs the op once, and reports its wall
-time and peak extra RSS. Contenders are interleaved within a round; the table shows the median
-time over the rounds, as a ratio to ``torch.distributed.checkpoint`` called directly.
+time (CUDA: after ``torch.cuda.synchronize``), peak extra RSS and, on CUDA, its peak extra GPU
+memory (``torch.cuda.max_memory_allocated`` over the baseline). Contenders are interleaved
+within a round; the table shows the median time over the rounds, as a ratio to
+``torch.distributed.checkpoint`` called directly.
 
 Run ``python benchmarks/sharded.py --help``; see ``benchmarks/README.md``.
 """
@@ -68,8 +71,11 @@ def config_for_size(size_mb: float) -> ModelConfig:
     return ModelConfig(d=d)
 
 
-def build_state(cfg: ModelConfig) -> tuple[Any, Any]:
-    """Build the model on every rank (same seed), shard it with ``fully_shard``, take one step."""
+def build_state(cfg: ModelConfig, device: str = "cpu") -> tuple[Any, Any]:
+    """Build the model on every rank (same seed), shard it with ``fully_shard``, take one step.
+
+    ``device``: "cpu", or "cuda" (this rank's current GPU).
+    """
     import torch
     from torch import nn
     from torch.distributed.fsdp import fully_shard
@@ -80,14 +86,14 @@ def build_state(cfg: ModelConfig) -> tuple[Any, Any]:
         if index:
             layers.append(nn.ReLU())
         layers.append(nn.Linear(cfg.d, cfg.d))
-    model = nn.Sequential(*layers)
+    model = nn.Sequential(*layers).to(device)
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer)
     fully_shard(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     torch.manual_seed(SEED + 1 + torch.distributed.get_rank())  # each rank its own batch
-    model(torch.randn(8, cfg.d)).pow(2).mean().backward()
+    model(torch.randn(8, cfg.d, device=device)).pow(2).mean().backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     return model, opt
@@ -150,7 +156,7 @@ def full_digest(model: Any, opt: Any) -> dict[str, str] | None:
         if not isinstance(value, torch.Tensor):
             digest[name] = repr(value)
             continue
-        flat = value.detach().contiguous().reshape(-1)
+        flat = value.detach().cpu().contiguous().reshape(-1)
         digest[name] = hashlib.sha1(
             flat.view(torch.uint8).numpy().data, usedforsecurity=False
         ).hexdigest()
@@ -168,6 +174,7 @@ class Contender:
     name: ClassVar[str]
     description: ClassVar[str]
     verify_s = 0.0  # time spent verifying checksums inside the timed load (ours only)
+    device = "cpu"  # where the state lives: "cpu" or "cuda" (set by the rank worker)
 
     def unavailable(self) -> str | None:
         """Why this contender cannot run here (checked by the orchestrator), or ``None``."""
@@ -348,8 +355,8 @@ class LightningModelParallel(Contender):
         warnings.filterwarnings("ignore", module="lightning")
         self.fabric = Fabric(
             strategy=ModelParallelStrategy(parallelize_fn=_as_is),
-            accelerator="cpu",
-            devices=WORLD_SIZE,
+            accelerator=self.device,
+            devices=int(os.environ["WORLD_SIZE"]),
         )
         self.fabric.launch()  # joins the existing process group
 
@@ -447,10 +454,7 @@ def _timed_save(
             _fsync_present(path)
         dist.barrier()
 
-    harness.release_free_memory()
-    dist.barrier()
-    measurement, _ = harness.measure(op)
-    return _after_trim(measurement)
+    return _measure(op, contender.device)[0]
 
 
 def _timed_load(contender: Contender, path: Path, model: Any, opt: Any) -> dict[str, Any]:
@@ -467,10 +471,7 @@ def _timed_load(contender: Contender, path: Path, model: Any, opt: Any) -> dict[
         dist.barrier()
         return loaded
 
-    harness.release_free_memory()
-    dist.barrier()
-    measurement, step = harness.measure(op)
-    measured = _after_trim(measurement)
+    measured, step = _measure(op, contender.device)
     actual = full_digest(model, opt)
     steps: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(steps, step)
@@ -479,6 +480,35 @@ def _timed_load(contender: Contender, path: Path, model: Any, opt: Any) -> dict[
     if verdict[0] is not None:  # every rank fails, naming the mismatch
         raise AssertionError(f"{contender.name} load did not restore the state: {verdict[0]}")
     return measured
+
+
+def _measure(op: Any, device: str) -> tuple[dict[str, Any], Any]:
+    """Time ``op`` on every rank with its peak extra RSS (and GPU memory, on CUDA).
+
+    On CUDA the op's queued kernels and copies are waited for inside the timed region.
+    """
+    import torch
+    import torch.distributed as dist
+
+    cuda = device == "cuda"
+
+    def timed() -> Any:
+        out = op()
+        if cuda:
+            torch.cuda.synchronize()
+        return out
+
+    harness.release_free_memory()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        gpu_baseline = torch.cuda.memory_allocated()
+    dist.barrier()
+    measurement, out = harness.measure(timed)
+    measured = _after_trim(measurement)
+    if cuda:
+        measured["peak_extra_gpu"] = torch.cuda.max_memory_allocated() - gpu_baseline
+    return measured, out
 
 
 def _stage(message: str) -> None:
@@ -504,7 +534,13 @@ def rank_worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    backend = "gloo"
+    if args.device == "cuda":
+        import torch
+
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        backend = "nccl"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
         rank = dist.get_rank()
         cfg = config_for_size(args.size_mb)
@@ -512,8 +548,9 @@ def rank_worker(args: argparse.Namespace) -> None:
         _stage(f"{args.contender} {args.op}: process group up")
         _import_dcp()
         contender = CONTENDERS[args.contender]()
+        contender.device = args.device
         contender.setup()
-        model, opt = build_state(cfg)
+        model, opt = build_state(cfg, args.device)
         _stage("state built")
         result: dict[str, Any] = {"contender": args.contender, "op": args.op}
         if args.op == "save":
@@ -545,7 +582,7 @@ def rank_worker(args: argparse.Namespace) -> None:
     _stage("process group destroyed")
 
 
-def launch(argv: list[str]) -> int:
+def launch(argv: list[str], world_size: int) -> int:
     """Start the rank workers with torchrun (``--standalone``: local rendezvous, free port).
 
     Each rank's output goes to a log file; if a rank fails, the end of every rank's log is
@@ -559,7 +596,7 @@ def launch(argv: list[str]) -> int:
             [
                 "--standalone",
                 "--nnodes=1",
-                f"--nproc-per-node={WORLD_SIZE}",
+                f"--nproc-per-node={world_size}",
                 "--max-restarts=0",
                 f"--log-dir={log_dir}",
                 "--redirects=3",
@@ -601,6 +638,10 @@ def _launch_args(name: str, op: str, path: Path, args: argparse.Namespace) -> li
         str(path),
         "--size-mb",
         str(args.size_mb),
+        "--device",
+        args.device,
+        "--world-size",
+        str(args.world_size),
         *(["--overwrite"] if args.overwrite else []),
     ]
 
@@ -657,6 +698,7 @@ def summarize(results: list[dict[str, Any]], names: list[str]) -> list[dict[str,
                     "peak_extra_rss": worst["peak_extra_rss"],
                     "peak_extra_rss_share": worst["peak_extra_rss"] / worst["share_bytes"],
                     "peak_extra_anon": max(rank["peak_extra_anon"] for rank in ranks),
+                    "peak_extra_gpu": max(rank.get("peak_extra_gpu", 0) for rank in ranks),
                     "trimmed_extra_rss": max(rank["trimmed_extra_rss"] for rank in ranks),
                 }
             )
@@ -677,6 +719,7 @@ def render_table(rows: list[dict[str, Any]]) -> str:
         "% of rank share",
         "peak extra anon MiB/rank",
         "left after trim MiB/rank",
+        "peak extra GPU MiB/rank",
     ]
     body = [
         [
@@ -688,6 +731,7 @@ def render_table(rows: list[dict[str, Any]]) -> str:
             f"{100 * r['peak_extra_rss_share']:.0f}%",
             f"{r['peak_extra_anon'] / harness.MIB:.0f}",
             f"{r['trimmed_extra_rss'] / harness.MIB:.0f}",
+            f"{r['peak_extra_gpu'] / harness.MIB:.0f}" if r["peak_extra_gpu"] else "-",
         ]
         for r in rows
     ]
@@ -703,14 +747,19 @@ def orchestrate(args: argparse.Namespace) -> int:
         harness.parse_contenders(args.contenders, CONTENDERS), CONTENDERS
     )
     cfg = config_for_size(args.size_mb)
+    world = args.world_size
+    where = "NCCL, CUDA" if args.device == "cuda" else "gloo, CPU"
+    if args.device == "cuda" and torch.cuda.device_count() < world:
+        _log(f"--device cuda needs {world} GPUs (one per rank); {torch.cuda.device_count()} here")
+        return 2
     with harness.scratch_dir(args.dir, REPO_ROOT) as data_dir:
         info = harness.machine_info(data_dir)
         state = cfg.state_bytes()
         mode = "; each timed save overwrites a checkpoint" if args.overwrite else ""
         header = (
             f"state: {N_LAYERS} x Linear({cfg.d}, {cfg.d}), {cfg.n_params() / 1e6:.1f}M params, "
-            f"fully_shard over {WORLD_SIZE} ranks (gloo, CPU) + AdamW = {state / MB:.0f} MB "
-            f"({state / harness.MIB:.0f} MiB), ~{state / WORLD_SIZE / harness.MIB:.0f} MiB per "
+            f"fully_shard over {world} ranks ({where}) + AdamW = {state / MB:.0f} MB "
+            f"({state / harness.MIB:.0f} MiB), ~{state / world / harness.MIB:.0f} MiB per "
             f"rank; rounds: {args.rounds}{mode}"
             f"\nmachine: {info['cpu']}, {info['cores']} cores, {info['mem_gib']} GiB; "
             f"torch {torch.__version__}; dir: {data_dir} on {info['filesystem']}"
@@ -736,7 +785,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     if args.json:
         payload = {
             "config": asdict(cfg),
-            "world_size": WORLD_SIZE,
+            "world_size": world,
             "machine": info,
             "summary": rows,
             "runs": results,
@@ -772,6 +821,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="time saves that replace a checkpoint (two untimed saves to the same path first)",
     )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cpu: gloo, CPU tensors (default); cuda: NCCL, each rank's state on its own GPU",
+    )
+    p.add_argument(
+        "--world-size",
+        type=int,
+        default=WORLD_SIZE,
+        help=f"ranks (default {WORLD_SIZE}); with --device cuda at most the GPU count",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write raw results here")
     internal = p.add_argument_group("internal")
     internal.add_argument("--launch", action="store_true", help=argparse.SUPPRESS)
@@ -791,7 +852,7 @@ def main(argv: list[str] | None = None) -> int:
         rank_worker(args)
         harness.exit_rank_worker()
     elif args.launch:
-        return launch([a for a in argv if a != "--launch"])
+        return launch([a for a in argv if a != "--launch"], args.world_size)
     else:
         return orchestrate(args)
     return 0
