@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import io
 import posixpath
 import re
@@ -144,7 +145,7 @@ class _PartWriter:
                 self._on_part(self._filled)
         else:
             if self._filled:
-                self._send_part()
+                self._send_part(last=True)
             self._publish([future.result() for future in self._parts])
         self._location.fs.invalidate_cache(self._location.path)
         self._close()
@@ -161,7 +162,7 @@ class _PartWriter:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._spare.clear()
 
-    def _send_part(self) -> None:
+    def _send_part(self, last: bool = False) -> None:
         if not self._started:
             self._start()
             self._started = True
@@ -173,6 +174,9 @@ class _PartWriter:
         number = len(self._parts) + 1
         buffer, size = self._buffer, self._filled
         self._parts.append(self._pool.submit(self._upload_part, number, buffer, size))
+        if last:  # no buffer for a next part
+            self._buffer, self._filled = bytearray(), 0
+            return
         want = part_size(number + 1, self._part_bytes)
         spare = self._spare.pop() if self._spare else None
         self._buffer = spare if spare is not None and len(spare) == want else bytearray(want)
@@ -349,9 +353,40 @@ async def _media_upload(fs: Any, bucket: str, key: str, data: memoryview) -> Any
     """
     path = f"{fs._location}/upload/storage/v1/b/{quote(bucket)}/o"
     headers = {"Content-Type": "application/octet-stream"}
+    body = _sliced_body(data)
     return await fs._call(
-        "POST", path, uploadType="media", name=key, headers=headers, data=data, json_out=True
+        "POST", path, uploadType="media", name=key, headers=headers, data=body, json_out=True
     )
+
+
+_BODY_SLICE_BYTES = 256 * 1024
+
+
+def _sliced_body(data: memoryview) -> Any:
+    """``data`` as an aiohttp body handed to the connection a slice at a time (re-sendable).
+
+    aiohttp joins the request head and a whole bytes body into one new buffer before sending
+    (Python < 3.12.9): a copy of every part in flight. In slices, only the first is joined, and
+    the connection's buffer holds at most about one slice.
+    """
+    return _sliced_payload_class()(data, content_type="application/octet-stream")
+
+
+@functools.cache
+def _sliced_payload_class() -> Any:
+    from aiohttp.payload import BytesPayload  # noqa: PLC0415 - gcsfs's dependency, loaded here
+
+    class SlicedPayload(BytesPayload):
+        async def write(self, writer: Any) -> None:
+            await self.write_with_length(writer, None)
+
+        async def write_with_length(self, writer: Any, content_length: int | None) -> None:
+            data = memoryview(self._value)
+            end = len(data) if content_length is None else min(content_length, len(data))
+            for start in range(0, end, _BODY_SLICE_BYTES):
+                await writer.write(data[start : min(end, start + _BODY_SLICE_BYTES)])
+
+    return SlicedPayload
 
 
 async def _client_call(fs: Any, method: str, params: dict[str, Any]) -> dict[str, Any]:
