@@ -8,9 +8,10 @@ filesystem but the local disk (``dcp_reader.SafeFsspecReader``):
   ``io_threads`` parallel streams (``formats.ranges``: one ranged GET per stream on S3,
   successive ``chunk_bytes`` ranges elsewhere; a stream cut short resumes where it broke, within
   the retry policy) and their CRC32 checked against the piece's record. A piece whose wanted
-  items total at most ``chunk_bytes`` is fetched in one retried ranged read of their span (or
-  item by item, in parallel, where they lie far apart): no stream set-up for readers that fetch
-  one item per call, such as ``consolidate``.
+  items total at most ``chunk_bytes`` (while the memory budget ``KEEP_BYTES`` lasts) is fetched
+  into memory in one retried ranged read of their span (or item by item, in parallel, where
+  they lie far apart): no stream set-up for readers that fetch one item per call, such as
+  ``consolidate``.
 - **Fetched once.** The verified bytes go to a *spool*, an unnamed local temporary file per
   piece (``LWCKPT_SPOOL_DIR``; ``ranges.open_spool``), at their offsets in the piece. Where no
   spool can be had, up to ``KEEP_BYTES`` of them stay in memory and the rest are dropped and
@@ -119,7 +120,8 @@ class FetchedItems:
             checked.append(Record(name, offset, length, expected[1]))
             self._crcs[relative, offset] = expected[1]
         actual: list[int | None]
-        if checked and sum(item.size for item in checked) <= settings().chunk_bytes:
+        total = sum(item.size for item in checked)
+        if checked and total <= settings().chunk_bytes and self._fits(total):
             actual = self._fetch_small(relative, checked)
         else:
             actual = self._stream_piece(relative, checked, record["size"], problems)
@@ -169,7 +171,7 @@ class FetchedItems:
             views: list[memoryview | None] = [None] * len(checked)
             if spool is None:  # hold what fits in memory; the rest is fetched again when read
                 for index, item in enumerate(checked):
-                    if self._kept_bytes + item.size <= self.keep_bytes:
+                    if self._fits(item.size):
                         view = memoryview(bytearray(item.size))
                         views[index] = view
                         self._keep(relative, item.offset, view)
@@ -182,6 +184,10 @@ class FetchedItems:
         finally:
             source.close()
         return list(crcs)
+
+    def _fits(self, nbytes: int) -> bool:
+        with self._lock:
+            return self._kept_bytes + nbytes <= self.keep_bytes
 
     def _keep(self, relative: str, offset: int, data: memoryview) -> None:
         with self._lock:
