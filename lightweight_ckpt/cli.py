@@ -55,9 +55,7 @@ from lightweight_ckpt.formats import dcp_dir, torch_writer, xla_shards
 from lightweight_ckpt.manager.orphans import DEFAULT_OLDER_THAN_S, find_orphans, remove_orphans
 from lightweight_ckpt.progress import progress_bar, wants_progress
 from lightweight_ckpt.storage import (
-    Location,
     abort_incomplete_uploads,
-    call_with_retries,
     classify_failure,
     incomplete_uploads,
     open_source,
@@ -183,14 +181,10 @@ def _leaves(tree: Any, prefix: str = "") -> list[dict[str, Any]]:
     return [{"name": prefix, "kind": type(tree).__name__, "value": shown}]
 
 
-def _is_sharded(location: Location) -> bool:
-    return call_with_retries(location.url, "reading", lambda: dcp_dir.is_sharded(location))
-
-
 def inspect_checkpoint(path: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Describe a checkpoint without reading tensor data: rows per leaf and totals."""
     location = resolve(path, options)
-    if _is_sharded(location):
+    if dcp_dir.is_sharded(location):
         metadata = dcp_dir.read_metadata(location, options)
         tree = dcp_dir.skeleton(metadata)  # unread tensors: no data is loaded
         dcp_dir.read_values(location, options, metadata, tree, weights_only=True)
@@ -220,7 +214,7 @@ def verify_checkpoint(
     ``progress`` shows a bar on stderr while a single file's records are checked (needs tqdm).
     """
     location = resolve(path, options)
-    if _is_sharded(location):
+    if dcp_dir.is_sharded(location):
         problems, checked, what = dcp_dir.verify(location, options)
     else:
         source = open_source(location)

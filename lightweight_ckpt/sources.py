@@ -378,6 +378,25 @@ class SourceFile(io.RawIOBase):
         return len(data)
 
 
+def is_directory(location: Location) -> bool:
+    """Return True if ``location`` is a directory (or an object-store prefix), with retries.
+
+    Not ``fs.isdir``: fsspec answers False for any ``OSError`` (a timeout, a refused
+    connection), so a store that is down looked like "no directory here" and the caller went on
+    to the next request against it. Only a missing path means False here; other failures are
+    retried and then raised as ours, naming the URL.
+    """
+
+    def probe() -> bool:
+        try:
+            info = location.fs.info(location.path)
+        except FileNotFoundError:
+            return False
+        return bool(info.get("type") == "directory")
+
+    return call_with_retries(location.url, "reading", probe)
+
+
 def open_source(location: Location) -> Source:
     """Open the committed file at ``location`` for random-access reads.
 
@@ -387,7 +406,7 @@ def open_source(location: Location) -> Source:
         CheckpointReadError: the store failed for good (after retries), or refused access.
     """
     fs = location.fs
-    if call_with_retries(location.url, "reading", lambda: fs.isdir(location.path)):
+    if is_directory(location):
         raise InvalidCheckpointError(
             f"{location.url}: is a directory, not a single-file checkpoint. "
             "Sharded checkpoints load with a sharded strategy (FSDPStrategy)."

@@ -38,7 +38,7 @@ from lightweight_ckpt.retries import (
     classify_failure,
     storage_error,
 )
-from lightweight_ckpt.sources import RangeStream, Source, SourceFile, open_source
+from lightweight_ckpt.sources import RangeStream, Source, SourceFile, is_directory, open_source
 from lightweight_ckpt.uploads import (
     GCSComposeWriter,
     IncompleteUpload,
@@ -62,6 +62,7 @@ __all__ = [
     "call_with_retries",
     "classify_failure",
     "incomplete_uploads",
+    "is_directory",
     "open_source",
     "remove",
     "resolve",

@@ -71,6 +71,7 @@ from lightweight_ckpt.storage import (
     Sink,
     call_with_retries,
     classify_failure,
+    is_directory,
     staged_write,
     storage_error,
     write_with_retries,
@@ -111,8 +112,11 @@ def _single_process_ok() -> Iterator[None]:
 
 
 def is_sharded(location: Location) -> bool:
-    """Return True if ``location`` is a directory (a sharded checkpoint, committed or not)."""
-    return bool(location.fs.isdir(location.path))
+    """Return True if ``location`` is a directory (a sharded checkpoint, committed or not).
+
+    Retried; a store that fails for good raises ``CheckpointReadError`` naming the URL.
+    """
+    return is_directory(location)
 
 
 class _VersionedWriter(FsspecWriter):

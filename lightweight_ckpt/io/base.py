@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import fsspec
 
 from lightweight_ckpt.formats import dcp_dir
-from lightweight_ckpt.storage import Location, call_with_retries, resolve
+from lightweight_ckpt.storage import Location, resolve
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping
@@ -255,8 +255,7 @@ class CheckpointIO(ABC):
         protocol, _ = fsspec.core.split_protocol(os.fspath(path))
         if protocol is not None and protocol not in fsspec.available_protocols():
             return False
-        location = self.locate(path, storage_options)
-        return call_with_retries(location.url, "reading", lambda: dcp_dir.is_sharded(location))
+        return dcp_dir.is_sharded(self.locate(path, storage_options))
 
     def prepare_sharded(
         self, path: StrPath, version: str, storage_options: StorageOptions | None = None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -27,6 +28,8 @@ import pytest
 from lightweight_ckpt import CheckpointNotFoundError, CheckpointWriteError, Fabric
 from lightweight_ckpt.config import override
 from lightweight_ckpt.errors import CheckpointReadError
+from lightweight_ckpt.formats import dcp_dir
+from lightweight_ckpt.storage import resolve
 from tests.helpers.asserts import assert_states_differ, assert_states_equal, snapshot
 from tests.helpers.models import fresh_like, make_state
 from tests.helpers.proxy import Fault, FaultProxy
@@ -430,3 +433,21 @@ def test_lasting_fault_with_default_client_options_raises_our_error(
     assert proxied.store.visible_objects() == ["last.ckpt"]
     assert_states_equal(target["model"], before)
     assert_states_equal(_load_direct(proxied, url)["model"], expected)
+
+
+@pytest.mark.timeout(120)
+def test_a_store_that_is_down_is_not_taken_for_a_missing_directory(
+    default_clients: Proxied,
+) -> None:
+    """fsspec's ``isdir`` answers False for any OSError: a dead store looked like "no directory".
+
+    The directory probe behind every load (sharded or not) and the CLI must raise our error
+    naming the URL instead, after its retries, rather than go on to the next request.
+    """
+    proxied = default_clients
+    url = proxied.store.url("sharded")
+    location = resolve(url, proxied.options)
+    fault = proxied.proxy.add(Fault("drop", times=None))
+    with pytest.raises(CheckpointReadError, match=re.escape(url)):
+        dcp_dir.is_sharded(location)
+    assert fault.hits >= 1
