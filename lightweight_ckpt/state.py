@@ -32,11 +32,16 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.tensor import DTensor
 
 from lightweight_ckpt.errors import MissingKeysError, StateMismatchError
+from lightweight_ckpt.rehearsal import rehearse_module, rehearse_optimizer
+from lightweight_ckpt.shapes import (
+    is_plain_tensor,
+    optimizer_shape_problems,
+    same_layout,
+    shape_of,
+)
 from lightweight_ckpt.types import Checkpoint, KeepFn, State, StateDict, Stateful
 
 log = logging.getLogger("lightweight_ckpt")
-
-_EXTRA_STATE_SUFFIX = "_extra_state"  # torch.nn.Module's key for get_extra_state()
 
 
 def unwrap_module(module: nn.Module) -> nn.Module:
@@ -199,20 +204,6 @@ def _label(key: str) -> str:
     return "the object passed to load_raw" if key == RAW_KEY else f"state[{key!r}]"
 
 
-def shape_of(value: object) -> tuple[int, ...] | None:
-    """Return the (global) shape of a tensor, DTensor or ShardedTensor; None for other values."""
-    if isinstance(value, torch.Tensor):
-        return tuple(value.shape)
-    size = getattr(value, "size", None)
-    if type(value).__name__ == "ShardedTensor" and callable(size):
-        return tuple(size())
-    return None
-
-
-def _is_plain_tensor(value: object) -> bool:
-    return type(value) in (torch.Tensor, nn.Parameter)
-
-
 class _Unfit(Exception):  # noqa: N818 - a private signal that plan_restore turns into one error
     """One state entry does not fit its checkpoint entry; ``plan_restore`` gathers these."""
 
@@ -235,11 +226,7 @@ def _module_entry(
             if saved_shape != current_shape:
                 mismatched.append((name, saved_shape, current_shape))
                 continue
-            if (
-                _is_plain_tensor(saved)
-                and _is_plain_tensor(current)
-                and _same_layout(saved, current)
-            ):
+            if is_plain_tensor(saved) and is_plain_tensor(current) and same_layout(saved, current):
                 bindings.append(Binding(saved, current.detach(), loadable, name))  # type: ignore[union-attr]
         loadable[name] = saved
     report = EntryReport(
@@ -289,7 +276,7 @@ def _optimizer_entry(
             f"{_label(key)} has parameter groups of sizes {sizes} but the checkpoint's "
             f"have sizes {saved_sizes}. Load into an optimizer built over the same parameters."
         )
-    bad = _optimizer_shape_problems(optimizer, groups, saved_state)
+    bad = optimizer_shape_problems(optimizer, groups, saved_state)
     if bad:
         listed = ", ".join(
             f"param {index} {name}: {list(saved)} in checkpoint vs {list(current)}"
@@ -307,95 +294,9 @@ def _optimizer_entry(
         now = current.get(index, {})
         for name, saved in entries.items() if isinstance(entries, dict) else ():
             target = now.get(name)
-            if _is_plain_tensor(target) and _same_layout(saved, target):
+            if is_plain_tensor(target) and same_layout(saved, target):
                 bindings.append(Binding(saved, target, entries, name))
     return bindings
-
-
-def _torch_optimizers(*names: str) -> frozenset[type]:
-    """The ``torch.optim`` classes of these names that this torch has."""
-    found = (getattr(torch.optim, name, None) for name in names)
-    return frozenset(kind for kind in found if isinstance(kind, type))
-
-
-_PARAM_SHAPED = _torch_optimizers(
-    "ASGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "Muon", "NAdam", "RAdam",
-    "RMSprop", "Rprop", "SGD", "SparseAdam",
-)  # fmt: skip
-"""``torch.optim`` optimizers whose non-scalar state tensors all have their parameter's shape."""
-_FACTORED = _torch_optimizers("Adafactor")
-_FLAT = _torch_optimizers("LBFGS")
-
-
-def _expected_state_shape(
-    kind: type, name: str, param: tuple[int, ...], total: int
-) -> tuple[int, ...] | None:
-    """The shape a ``torch.optim`` optimizer gives state ``name`` of a parameter; None: unknown.
-
-    Only exact ``torch.optim`` classes are judged (a subclass may keep other state). Scalars
-    (``step``, ASGD's ``eta``/``mu``, NAdam's ``mu_product``) are 0-d and never compared;
-    ``step`` is skipped by name too (torch 1.12 kept a capturable ``step`` of shape ``(1,)``).
-    """
-    if kind in _FLAT:
-        return (total,)  # LBFGS: one flat history over all parameters, kept at the first
-    if kind in _FACTORED:
-        factored = {
-            "row_var": (*param[:-1], 1),
-            "col_var": (*param[:-2], 1, *param[-1:]),
-            "variance": param,
-        }
-        return factored.get(name)
-    return param if kind in _PARAM_SHAPED and name != "step" else None
-
-
-def _optimizer_shape_problems(
-    optimizer: torch.optim.Optimizer, groups: list[Any], saved_state: dict[Any, Any]
-) -> list[tuple[Any, str, tuple[int, ...], tuple[int, ...]]]:
-    """Return ``(saved param id, state name, saved shape, expected shape)`` for each misfit.
-
-    Saved parameter ids are matched to the optimizer's parameters group by group, as
-    ``Optimizer.load_state_dict`` does. Where that pairing is not the parameters' own (FSDP1's
-    flat parameters) nothing is compared. Optimizers other than the ``torch.optim`` ones are
-    compared with the state this optimizer already holds for the same parameter, if any.
-    """
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    own_sizes = [len(group["params"]) for group in optimizer.param_groups]
-    if own_sizes != [len(g.get("params", ())) for g in groups] or any(
-        getattr(p, "_fsdp_flattened", False) for p in params
-    ):
-        return []
-    pairing = dict(zip((i for g in groups for i in g["params"]), params, strict=True))
-    # LBFGS's flat vectors count a complex parameter twice (it views them as real)
-    total = sum(p.numel() * (2 if p.is_complex() else 1) for p in params)
-    kind = type(optimizer)
-    known = kind in _PARAM_SHAPED | _FACTORED | _FLAT
-    bad = []
-    for index, param in pairing.items():  # in parameter order
-        entries = saved_state.get(index)
-        if not isinstance(entries, dict):
-            continue
-        param_shape, current = tuple(shape_of(param) or ()), optimizer.state.get(param, {})
-        for name, saved in sorted(entries.items(), key=lambda item: str(item[0])):
-            saved_shape = shape_of(saved)
-            if not saved_shape:  # not a tensor, or a scalar
-                continue
-            expected = (
-                _expected_state_shape(kind, name, param_shape, total)
-                if known
-                else shape_of(current.get(name)) or None  # unknown kinds: vs their own state
-            )
-            if expected is not None and saved_shape != expected:
-                bad.append((index, str(name), saved_shape, expected))
-    return bad
-
-
-def _same_layout(saved: object, target: object) -> bool:
-    return (
-        isinstance(saved, torch.Tensor)
-        and isinstance(target, torch.Tensor)
-        and saved.shape == target.shape
-        and saved.dtype == target.dtype
-    )
 
 
 def module_target(module: nn.Module) -> StateDict:
@@ -576,9 +477,9 @@ def rehearse_restore(plan: RestorePlan) -> None:
         if key not in plan.checkpoint:
             continue
         if isinstance(obj, nn.Module) and key in plan.module_dicts:
-            _rehearse_module(obj, plan.module_dicts[key])
+            rehearse_module(unwrap_module(obj), plan.module_dicts[key])
         elif isinstance(obj, torch.optim.Optimizer):
-            _rehearse_optimizer(obj, plan.checkpoint[key])
+            rehearse_optimizer(obj, plan.checkpoint[key])
 
 
 def _restore_user_objects(
@@ -594,102 +495,6 @@ def _restore_user_objects(
             obj.load_state_dict(backup)
             raise
         undo.append(functools.partial(obj.load_state_dict, backup))
-
-
-def _rehearse_module(module: nn.Module, state_dict: StateDict) -> None:
-    """Run ``module``'s ``load_state_dict`` on its own tensors and the checkpoint's extra state.
-
-    Loading a parameter or buffer from itself copies nothing (``copy_`` of a tensor onto
-    itself returns at once), so no tensor changes; the load hooks and ``set_extra_state`` run,
-    and the previous extra state (small by nature) is put back afterwards.
-    """
-    inner = unwrap_module(module)
-    if any(isinstance(m, FullyShardedDataParallel) for m in inner.modules()):
-        return  # its state_dict and load_state_dict are collectives
-    own = inner.state_dict(keep_vars=True)
-    rehearsal = {
-        name: value
-        if name.endswith(_EXTRA_STATE_SUFFIX) or not isinstance(own[name], torch.Tensor)
-        else own[name]
-        for name, value in state_dict.items()
-        if name in own
-    }
-    extra = [
-        (m, copy.deepcopy(m.get_extra_state()))
-        for m in inner.modules()
-        if type(m).get_extra_state is not nn.Module.get_extra_state
-        and type(m).set_extra_state is not nn.Module.set_extra_state
-    ]
-    try:
-        inner.load_state_dict(rehearsal, strict=False)
-    except BaseException:
-        _put_extra_state_back(extra, after_refusal=True)
-        raise
-    _put_extra_state_back(extra, after_refusal=False)
-
-
-def _put_extra_state_back(extra: list[tuple[nn.Module, Any]], *, after_refusal: bool) -> None:
-    """Give each submodule its previous extra state again, where the rehearsal changed it."""
-    for submodule, previous in extra:
-        _put_back_one(submodule, previous, after_refusal=after_refusal)
-
-
-def _put_back_one(submodule: nn.Module, previous: Any, *, after_refusal: bool) -> None:
-    try:
-        if not _same_value(submodule.get_extra_state(), previous):
-            submodule.set_extra_state(previous)
-    except Exception:
-        if not after_refusal:
-            raise
-        # the refusal is what the caller sees; this one only explains a changed module
-        log.warning("could not put back the extra state of %s", type(submodule).__name__)
-
-
-def _same_value(a: object, b: object) -> bool:
-    """Exact equality of nested values (tensors bitwise); False where it cannot be told."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (
-            isinstance(a, torch.Tensor)
-            and isinstance(b, torch.Tensor)
-            and a.dtype == b.dtype
-            and a.shape == b.shape
-            and bool(torch.equal(a, b))
-        )
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
-    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
-    try:
-        return bool(a == b)
-    except Exception:  # noqa: BLE001 - an object whose == cannot answer counts as changed
-        return False
-
-
-def _rehearse_optimizer(optimizer: torch.optim.Optimizer, entry: object) -> None:
-    """Run ``optimizer.load_state_dict(entry)``, then put its previous state back.
-
-    Bound tensors are not filled yet and ``load_state_dict`` builds new ``state`` and
-    ``param_groups`` without writing into the old ones, so putting those back copies nothing.
-    Skipped where that is not known to hold (an optimizer with its own ``load_state_dict``)
-    or the strategy's setter is not ``load_state_dict`` over these parameters (entries keyed by
-    names, sharded or flattened parameters: DCP's setter).
-    """
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    groups = entry.get("param_groups") if isinstance(entry, dict) else None
-    if (
-        type(optimizer).load_state_dict is not torch.optim.Optimizer.load_state_dict
-        or not isinstance(entry, dict)
-        or not isinstance(groups, list)
-        or any(isinstance(p, str) for g in groups for p in g.get("params", ()))
-        or not all(_is_plain_tensor(p) and not getattr(p, "_fsdp_flattened", False) for p in params)
-    ):
-        return
-    state = optimizer.state
-    previous = optimizer.param_groups
-    try:
-        optimizer.load_state_dict(entry)
-    finally:
-        optimizer.__setstate__({"state": state, "param_groups": previous})
 
 
 def owner_module(optimizer: torch.optim.Optimizer, state: State) -> nn.Module | None:
