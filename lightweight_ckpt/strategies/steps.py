@@ -29,6 +29,7 @@ from lightweight_ckpt.state import (
     apply_restore,
     is_stateful,
     owner_module,
+    rehearse_restore,
     to_state_dict,
 )
 from lightweight_ckpt.state import (
@@ -168,8 +169,9 @@ def restore(
 ) -> Checkpoint:
     """Restore ``plan`` in agreed steps; return the remainder. Runs on every rank.
 
-    ``read``: a sharded read into the plan's tensors, run first in the rank-local step (user
-    objects restore from what it read). ``fill``: a single file's fill into the targets, its own
+    ``read``: a sharded read into the plan's tensors, run in the rank-local step after the
+    modules' and optimizers' loads were rehearsed (``rehearse_restore``) and before the user
+    objects restore from what it read. ``fill``: a single file's fill into the targets, its own
     step after the user objects accepted their state. The setters (FSDP1: collectives) run last,
     on every rank in the same order. A failure in any step on any rank puts the user objects
     and plain values back on every rank (tensors already read or filled stay as they are).
@@ -187,9 +189,11 @@ def restore(
     backup = _Backup(plan) if strategy.world_size > 1 else None
 
     def local() -> Checkpoint:
-        if read is not None:
-            read()
-        return apply_restore(plan, accepted, defer_module, defer_optimizer)
+        if read is None:
+            return apply_restore(plan, accepted, defer_module, defer_optimizer)
+        rehearse_restore(plan)  # what may refuse, before the read writes into the targets
+        read()
+        return apply_restore(plan, accepted, defer_module, defer_optimizer, rehearse=False)
 
     try:
         remainder = strategy.run_on_all_ranks("restore", local)
