@@ -51,7 +51,6 @@ from lightweight_ckpt.state import (
     RAW_KEY,
     LoadReport,
     RestorePlan,
-    check_requested_keys,
     collect,
     is_stateful,
     owner_module,
@@ -461,8 +460,6 @@ class Strategy:
         available = top_level_keys(metadata)
         if not state:
             return skeleton(metadata, set(available)), None
-        if strict:
-            check_requested_keys(str(path), list(state), available)
         views = views or steps.StateViews(self, state)
         present = {k: obj for k, obj in state.items() if k in available}
         stateful = {k: obj for k, obj in present.items() if is_stateful(obj)}
@@ -471,11 +468,12 @@ class Strategy:
         saved.update({k: None for k in present if k not in stateful})  # filled by the same pass
         plan = plan_restore(
             str(path),
-            present,
+            state,  # all of it: requested keys the checkpoint lacks are named in one error
             saved,
             strict,
             target_of=views.target,
             group_sizes=views.group_sizes,
+            available=available,
         )
         for key, entry in plan.module_dicts.items():  # keep what matched, as the plan decided
             template[key] = {name: template[key][name] for name in entry if name in template[key]}

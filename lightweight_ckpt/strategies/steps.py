@@ -169,10 +169,10 @@ def restore(
 ) -> Checkpoint:
     """Restore ``plan`` in agreed steps; return the remainder. Runs on every rank.
 
-    ``read``: a sharded read into the plan's tensors, run in the rank-local step after the
-    modules' and optimizers' loads were rehearsed (``rehearse_restore``) and before the user
-    objects restore from what it read. ``fill``: a single file's fill into the targets, its own
-    step after the user objects accepted their state. The setters (FSDP1: collectives) run last,
+    ``read``: a sharded read into the plan's tensors, run in the rank-local step once every
+    rank's modules and optimizers accepted the checkpoint (``rehearse_restore``, an agreed step
+    of its own) and before the user objects restore from what it read. ``fill``: a single
+    file's fill into the targets, its own step after the user objects accepted their state. The setters (FSDP1: collectives) run last,
     on every rank in the same order. A failure in any step on any rank puts the user objects
     and plain values back on every rank (tensors already read or filled stay as they are).
     """
@@ -191,11 +191,14 @@ def restore(
     def local() -> Checkpoint:
         if read is None:
             return apply_restore(plan, accepted, defer_module, defer_optimizer)
-        rehearse_restore(plan)  # what may refuse, before the read writes into the targets
         read()
         return apply_restore(plan, accepted, defer_module, defer_optimizer, rehearse=False)
 
     try:
+        if read is not None:
+            # its own agreed step: a read writes into the targets, so no rank may start one
+            # until every rank's modules and optimizers accepted the checkpoint
+            strategy.run_on_all_ranks("rehearse", lambda: rehearse_restore(plan))
         remainder = strategy.run_on_all_ranks("restore", local)
         if fill is not None:
             strategy.run_on_all_ranks("fill", fill)

@@ -3,8 +3,8 @@
 The refusal (a ``load_state_dict`` pre-hook raising on rank 1 only) must come before any rank
 writes checkpoint bytes into its parameters: ``state.rehearse_restore`` runs it before the fill,
 so every rank raises and every rank's model and optimizer are bitwise as before; once the hook
-accepts, the same checkpoint loads. Real processes, gloo, nothing mocked. The FSDP2 sharded
-cases wait for ``strategies/steps.restore`` to agree on the rehearsal before its read (xfail).
+accepts, the same checkpoint loads. Real processes, gloo, nothing mocked. For the FSDP2 sharded
+cases ``strategies/steps.restore`` agrees on the rehearsal before its read.
 """
 
 from __future__ import annotations
@@ -78,27 +78,12 @@ def _refused_on_one_rank(
     assert state["step"] == 2
 
 
-READ_BEFORE_AGREED = (
-    "strategies/steps.restore reads a sharded checkpoint into the live parameters and optimizer "
-    "state (DCP's views) in the same agreed step as the rehearsal: a rank whose rehearsal "
-    "passed has read before it learns another refused. Needs a 'check loads' step "
-    "(run_on_all_ranks(..., lambda: state.rehearse_restore(plan))) before it, and "
-    "apply_restore(..., rehearse=False) there"
-)
-
-
 @pytest.mark.parametrize(
     ("kind", "entries"),
     [
         ("ddp", ("model", "optimizer")),
-        pytest.param(
-            "fsdp2", ("model",), marks=pytest.mark.xfail(strict=True, reason=READ_BEFORE_AGREED)
-        ),
-        pytest.param(
-            "fsdp2",
-            ("model", "optimizer"),
-            marks=pytest.mark.xfail(strict=True, reason=READ_BEFORE_AGREED),
-        ),
+        ("fsdp2", ("model",)),
+        ("fsdp2", ("model", "optimizer")),
     ],
     ids=["ddp-file", "fsdp2-dir-model", "fsdp2-dir-model+optimizer"],
 )

@@ -414,6 +414,14 @@ def _strict_mismatches(rank: int, world_size: int, kind: str, directory: str) ->
             assert name in str(error)
         assert gather_error_types(error) == ["StateMismatchError"] * world_size
         assert_states_equal(full_model(target), before)  # nothing loaded
+    # a missing requested key and a mismatched module: one error names both
+    target = _narrowed(kind)
+    before = full_model(target)
+    error = _load_error(fabric, path, {"model": target, "nope": 1})
+    assert isinstance(error, MissingKeysError), repr(error)
+    assert "'nope'" in str(error)
+    assert "2.weight" in str(error)
+    assert_states_equal(full_model(target), before)
     # non-strict: the shortened model takes what it has, bitwise
     target = _shortened(kind)
     fabric.load(path, {"model": target}, strict=False)
