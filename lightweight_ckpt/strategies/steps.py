@@ -172,9 +172,10 @@ def restore(
     ``read``: a sharded read into the plan's tensors, run in the rank-local step once every
     rank's modules and optimizers accepted the checkpoint (``rehearse_restore``, an agreed step
     of its own) and before the user objects restore from what it read. ``fill``: a single
-    file's fill into the targets, its own step after the user objects accepted their state. The setters (FSDP1: collectives) run last,
-    on every rank in the same order. A failure in any step on any rank puts the user objects
-    and plain values back on every rank (tensors already read or filled stay as they are).
+    file's fill into the targets, its own step after the user objects accepted their state.
+    The setters (FSDP1: collectives) run last, on every rank in the same order. A failure in
+    any step on any rank puts the user objects and plain values back on every rank (tensors
+    already read or filled stay as they are).
     """
     setters: list[Callable[[], None]] = []
 
