@@ -38,20 +38,7 @@ def _sharded_checkpoint(path: Path) -> dict[str, object]:
 def test_consolidate_writes_a_torch_load_file(tmp_path: Path) -> None:
     expected = _sharded_checkpoint(tmp_path / "sharded")
     out = tmp_path / "full.pt"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lightweight_ckpt",
-            "consolidate",
-            str(tmp_path / "sharded"),
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = _cli("consolidate", str(tmp_path / "sharded"), str(out))
     assert result.returncode == 0, result.stderr
     assert_states_equal(torch.load(out, weights_only=True), expected)
     assert_states_equal(Fabric().load(out), expected)  # and it passes our CRC checks
@@ -84,20 +71,7 @@ def test_consolidate_memory_is_bounded_by_the_largest_tensor(tmp_path: Path) -> 
 
 def test_consolidate_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lightweight_ckpt",
-            "consolidate",
-            str(tmp_path / "empty"),
-            str(tmp_path / "x.pt"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = _cli("consolidate", str(tmp_path / "empty"), str(tmp_path / "x.pt"))
     assert result.returncode == 1
     assert "not a sharded checkpoint" in result.stderr
     assert str(tmp_path / "empty") in result.stderr
@@ -308,14 +282,7 @@ def test_an_unreachable_store_is_one_error_line() -> None:
 
 
 def _cli_env(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lightweight_ckpt", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={**os.environ, "LWCKPT_RETRY_ATTEMPTS": "1"},
-    )
+    return _cli(*args, env={"LWCKPT_RETRY_ATTEMPTS": "1"})
 
 
 def test_only_our_log_lines_reach_stderr(tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,25 +24,14 @@ from lightweight_ckpt.formats.zip_records import read_index
 from lightweight_ckpt.io import TorchCheckpointIO
 from lightweight_ckpt.storage import open_source, resolve
 from tests.helpers.asserts import assert_states_differ, assert_states_equal
+from tests.helpers.processes import run_cli
 from tests.helpers.servers import GCSFS_LARGE_BODY_WARNING, Store, cli_storage_options
 
 pytestmark = [pytest.mark.cloud, GCSFS_LARGE_BODY_WARNING]
 
 
 def _cli(store: Store, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lightweight_ckpt",
-            *args,
-            *cli_storage_options(store.storage_options),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_cli(*args, *cli_storage_options(store.storage_options))
 
 
 def _model() -> nn.Module:

@@ -34,6 +34,7 @@ from lightweight_ckpt.config import override
 from lightweight_ckpt.storage import abort_incomplete_uploads, resolve
 from tests.helpers.asserts import assert_states_equal, snapshot
 from tests.helpers.models import fresh_like, make_state
+from tests.helpers.processes import kill
 from tests.helpers.servers import GCSFS_LARGE_BODY_WARNING, PROTOCOLS, Store, open_store
 
 pytestmark = [pytest.mark.cloud, GCSFS_LARGE_BODY_WARNING]
@@ -306,12 +307,7 @@ def test_sigkilled_saver_leaves_the_previous_checkpoint(store: Store) -> None:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(HANG_GUARD_S)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        kill(proc)  # a no-op once it is dead; closes its pipes
     assert proc.returncode == -signal.SIGKILL
 
     # the kill came mid-upload: S3 lists the upload it left behind, GCS its hidden components

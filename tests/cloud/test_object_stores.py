@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import gc
 import io
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from lightweight_ckpt.strategies import DDPStrategy, FSDPStrategy
 from tests.helpers.asserts import assert_states_differ, assert_states_equal, snapshot
 from tests.helpers.distributed import run_distributed
 from tests.helpers.models import Tiny, fresh_like, make_state, train_steps
+from tests.helpers.processes import run_cli
 from tests.helpers.servers import (
     GCSFS_LARGE_BODY_WARNING,
     Store,
@@ -251,21 +250,12 @@ def test_consolidate_cli_reads_a_sharded_checkpoint_from_the_store(
         url, {"model": model, "optimizer": optimizer, "step": 2, "tag": "run-1"}, **_opts(store)
     )
     out = tmp_path / "full.pt"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lightweight_ckpt",
-            "consolidate",
-            url,
-            str(out),
-            # every option, typed: S3's client_kwargs={"region_name": ...} is a dict
-            *cli_storage_options(store.storage_options),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    result = run_cli(
+        "consolidate",
+        url,
+        str(out),
+        # every option, typed: S3's client_kwargs={"region_name": ...} is a dict
+        *cli_storage_options(store.storage_options),
     )
     assert result.returncode == 0, result.stderr
     consolidated = torch.load(out, weights_only=True)

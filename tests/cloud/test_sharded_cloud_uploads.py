@@ -33,6 +33,7 @@ from lightweight_ckpt.strategies import FSDPStrategy
 from tests.cloud.test_cloud_faults import _wait_for_line
 from tests.cloud.test_cloud_retries import Proxied, _proxied
 from tests.helpers.asserts import assert_states_differ, assert_states_equal, snapshot
+from tests.helpers.processes import kill
 from tests.helpers.servers import GCSFS_LARGE_BODY_WARNING, PROTOCOLS, Store, open_store
 
 pytestmark = [pytest.mark.cloud, GCSFS_LARGE_BODY_WARNING]
@@ -229,12 +230,7 @@ def test_a_sigkilled_sharded_save_keeps_the_previous_checkpoint(store: Store) ->
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(HANG_GUARD_S)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        kill(proc)  # a no-op once it is dead; closes its pipes
     assert proc.returncode == -signal.SIGKILL
     assert ".distcp" in line  # killed mid-piece
 

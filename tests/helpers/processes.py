@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -28,12 +29,18 @@ def kill(*procs: subprocess.Popen[str]) -> None:
                 pipe.close()  # else it is closed by the GC, warning in whichever test runs then
 
 
-def run_cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m lightweight_ckpt ARGS`` and return its result (never raises on exit code)."""
+def run_cli(
+    *args: str, timeout_s: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m lightweight_ckpt ARGS`` and return its result (never raises on exit code).
+
+    ``env``: variables added to this process's environment for the child.
+    """
     return subprocess.run(
         [sys.executable, "-m", "lightweight_ckpt", *args],
         capture_output=True,
         text=True,
         timeout=timeout_s,
         check=False,
+        env={**os.environ, **env} if env else None,
     )

@@ -13,8 +13,6 @@ The helpers here (``build``, ``reference``, ``perturb``) are shared with ``test_
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +33,7 @@ from lightweight_ckpt.strategies import DDPStrategy, FSDPStrategy, SingleDeviceS
 from tests.helpers.asserts import assert_states_differ, assert_states_equal, snapshot
 from tests.helpers.distributed import run_distributed
 from tests.helpers.models import Tiny
+from tests.helpers.processes import run_cli
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=False)
 SHARDED_KINDS = ("fsdp1", "fsdp2")
@@ -215,20 +214,7 @@ def test_round_trip_matrix(tmp_path: Path, kind: str, world_size: int) -> None:
 
 def _check_consolidated(directory: Path, out: Path) -> None:
     """``python -m lightweight_ckpt consolidate`` of the world-2 checkpoint: the full state."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lightweight_ckpt",
-            "consolidate",
-            str(directory / "ckpt"),
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_cli("consolidate", str(directory / "ckpt"), str(out))
     assert result.returncode == 0, result.stderr
     consolidated = torch.load(out, weights_only=True)
     expected = torch.load(directory / "expected.pt", weights_only=True)
