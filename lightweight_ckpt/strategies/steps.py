@@ -10,9 +10,11 @@ collectives and hang until the process group's timeout. User code (a ``Stateful`
 - ``StateViews``: what a load compares against and reads into (the hooks' targets, group sizes,
   the sharded views), computed once per load, up front and in the state's order on every rank
   when the strategy's hooks are collectives, before any rank-local I/O can fail.
-- ``restore``: in agreed steps: (1) the rank-local part (a sharded read, user objects, plain
-  values; rolled back on every rank if any rank failed), (2) a single file's fill into the
-  targets, (3) the module and optimizer setters, on every rank in the same order.
+- ``restore``: in agreed steps: (0) before a sharded read, every module's and optimizer's load
+  rehearsed (what may refuse, refuses here: nothing written yet), (1) the rank-local part (the
+  sharded read, user objects, plain values; user objects and values rolled back on every rank
+  if any rank failed), (2) a single file's fill into the targets, (3) the module and optimizer
+  setters, on every rank in the same order.
 """
 
 from __future__ import annotations
