@@ -138,9 +138,11 @@ class FaultProxy:
                 self._forward(client, _close_after(head), body, limit)
             elif fault.kind == "status":
                 reason = b"Service Unavailable" if fault.status == 503 else b"Error"
+                # an answer to HEAD has headers only (a body there is a protocol error)
+                payload = b"" if method == b"HEAD" else b"injected"
                 client.sendall(
                     b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: 8\r\n"
-                    b"Connection: close\r\n\r\ninjected" % (fault.status, reason)
+                    b"Connection: close\r\n\r\n%s" % (fault.status, reason, payload)
                 )
             elif fault.kind == "stall":
                 self._closing.wait(fault.stall_s)
