@@ -370,10 +370,6 @@ class LightningModelParallel(Contender):
         returned = self.fabric.load(path, state)
         return _step_after_load(state, returned)
 
-    def settle(self) -> None:
-        """Wait for the background removal of a replaced version."""
-        self.fabric.wait()
-
 
 CONTENDERS: dict[str, type[Contender]] = {
     c.name: c for c in (LightweightCkpt, Dcp, LightningFsdp, LightningModelParallel)
