@@ -75,6 +75,9 @@ class Source(Protocol):
     def map(self) -> mmap.mmap | None:
         """Return a private copy-on-write memory map of the whole file, or None if not local."""
 
+    def current_size(self) -> int:
+        """The file's size now: a mapped file that shrank would raise SIGBUS where it ended."""
+
     def close(self) -> None:
         """Release the file."""
 
@@ -122,6 +125,9 @@ class _LocalSource:
         if self.size == 0:
             return None
         return mmap.mmap(self._fd, self.size, access=mmap.ACCESS_COPY)
+
+    def current_size(self) -> int:
+        return os.fstat(self._fd).st_size
 
     def close(self) -> None:
         os.close(self._fd)
@@ -257,6 +263,9 @@ class _FsspecSource:
 
     def map(self) -> mmap.mmap | None:
         return None
+
+    def current_size(self) -> int:
+        return self.size
 
     def close(self) -> None:
         """Stop the range pool and the progress bar; nothing else is held between reads."""

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import ctypes
 import io
+import mmap
 import pickle
 import sys
 import threading
@@ -76,7 +77,36 @@ if TYPE_CHECKING:
     from lightweight_ckpt.types import MapLocation
 
 _BOUNCE_BYTES = 8 * 1024 * 1024
+_COPY_WINDOW_BYTES = 16 * 1024 * 1024
 _T = TypeVar("_T")
+
+
+def copy_from_map(source: Source, mapped: mmap.mmap, record: Record, target: torch.Tensor) -> None:
+    """Copy a verified record from the file's map into ``target``'s storage, window by window.
+
+    A copy from the map (page-cache pages mapped, then ``memcpy`` outside the GIL) runs at
+    about twice the speed of ``preadv`` here; each window's pages are dropped from the map once
+    copied, so the load's resident set grows by one window, not by the file. The file's size
+    is checked before each window: reading a mapped page past a new end raises SIGBUS, which
+    would kill the process, so a file truncated behind our back raises our error instead.
+
+    Raises:
+        CorruptCheckpointError: the file shrank since it was verified.
+    """
+    destination = torch.empty(0, dtype=torch.uint8).set_(target.untyped_storage())
+    whole = torch.frombuffer(mapped, dtype=torch.uint8)
+    for start in range(0, record.size, _COPY_WINDOW_BYTES):
+        end = min(start + _COPY_WINDOW_BYTES, record.size)
+        first, last = record.offset + start, record.offset + end
+        if source.current_size() < last:
+            raise CorruptCheckpointError(
+                f"{source.url}: the file shrank while record {record.name!r} was read into its "
+                f"tensor (now {source.current_size()} bytes): another writer truncated or "
+                "rewrote it in place. Some tensors may hold partial data; load again."
+            )
+        destination[start:end].copy_(whole[first:last])
+        aligned = first - first % mmap.PAGESIZE
+        mapped.madvise(mmap.MADV_DONTNEED, aligned, last - aligned)
 
 
 def byte_view(storage: torch.UntypedStorage) -> memoryview:
@@ -241,6 +271,10 @@ class TorchFileReader:
                 copies,
             )
             self.close_spool()
+            return
+        mapped = self._mapped
+        if mapped is not None:
+            _parallel(lambda pair: copy_from_map(self.source, mapped, pair[0], pair[1]), copies)
             return
         _parallel(
             lambda pair: self.source.readinto_at(

@@ -17,6 +17,8 @@ from torch import nn
 
 from lightweight_ckpt import Fabric
 from lightweight_ckpt.errors import CorruptCheckpointError
+from lightweight_ckpt.formats.torch_file import TorchFileReader
+from lightweight_ckpt.storage import open_source, resolve
 from tests.helpers.asserts import assert_states_differ, assert_states_equal, snapshot
 from tests.helpers.models import Tiny, train_steps
 
@@ -92,3 +94,29 @@ def test_a_flipped_byte_in_an_unbound_tensor_is_still_caught(tmp_path: Path) -> 
     assert str(path) in str(caught.value)
     assert_states_equal(fresh, before)
     assert not fresh_optimizer.state
+
+
+def test_a_file_truncated_between_verify_and_fill_raises_not_sigbus(tmp_path: Path) -> None:
+    """Bound records are copied from the file's map; a page past a new end would be SIGBUS.
+
+    The reader's three steps are driven by hand so that the truncation lands exactly between
+    the verification and the copy into the caller's tensor (a non-atomic writer's truncate).
+    """
+    source_model = nn.Linear(1024, 1024)
+    path = tmp_path / "shrinks.pt"
+    Fabric().save(path, {"model": source_model})
+    target = nn.Linear(1024, 1024)
+    source = open_source(resolve(path))
+    reader = TorchFileReader(source, weights_only=True, map_location=None)
+    try:
+        tree = reader.skeleton()
+        skeleton = tree["model"]["weight"]
+        bound = reader.verify({id(skeleton): target.weight.data})
+        assert bound == {id(skeleton)}
+        with path.open("r+b") as file:
+            file.truncate(4096)
+        with pytest.raises(CorruptCheckpointError, match="shrank") as caught:
+            reader.fill()
+        assert str(path) in str(caught.value)
+    finally:
+        source.close()
