@@ -78,7 +78,7 @@ from lightweight_ckpt.storage import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Collection, Iterator
 
     from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
     from torch.distributed.checkpoint.storage import WriteResult
@@ -337,7 +337,8 @@ class PlannedRead:
 
     From ``plan_read``: the items this rank reads are CRC-checked, their pieces pinned, and the
     non-tensor values read into the template's own slots. ``read`` fills the tensors (the
-    targets); ``close`` lets go without reading (another rank failed).
+    targets), all at once or a few top-level keys at a time; ``close`` lets go without reading
+    (another rank failed).
     """
 
     def __init__(self, url: str, reader: Any, planner: Any, plan: Any) -> None:
@@ -346,22 +347,39 @@ class PlannedRead:
         self._planner = planner
         self._plan = plan
 
-    def read(self) -> None:
-        """Read every tensor item of the plan into its target, then let go of the pieces."""
+    def _top_level_key(self, item: Any) -> str:
+        fqn = item.dest_index.fqn
+        return str(getattr(self._planner, "mappings", {}).get(fqn, (fqn,))[0])
+
+    def read(self, keys: Collection[str] | None = None) -> None:
+        """Read the tensor items under the top-level ``keys`` (None: every one left).
+
+        An item is read once; when none is left, the pieces are let go. A failure lets go of
+        them at once.
+        """
+        now: list[Any] = []
+        later: list[Any] = []
+        for item in self._plan.items:
+            (now if keys is None or self._top_level_key(item) in keys else later).append(item)
+        self._plan = dataclasses.replace(self._plan, items=later)
         try:
-            self._reader.read_data(self._plan, self._planner).wait()
-        except CheckpointError:
-            raise
-        except Exception as err:  # any failure of DCP's read, as our error
+            if now:
+                self._reader.read_data(
+                    dataclasses.replace(self._plan, items=now), self._planner
+                ).wait()
+        except BaseException as err:
+            self.close()
+            if isinstance(err, CheckpointError) or not isinstance(err, Exception):
+                raise
             failure = CheckpointException(
                 "read", {0: (err, traceback.extract_tb(err.__traceback__))}
             )
             raise _translate(self._url, failure, writing=False) from err
-        finally:
+        if not later:
             self.close()
 
     def close(self) -> None:
-        """Release the pinned pieces."""
+        """Release the pinned pieces (again: nothing)."""
         self._reader.release()
 
 

@@ -30,8 +30,10 @@ Ranks coordinate through two hooks, ``run_on_all_ranks`` and ``broadcast_object`
 Load, sharded directory, in the same two agreed steps: (1) read the metadata → check keys and
 shapes → build a template from the hooks (sharded where the modules are) → plan this rank's DCP
 read and CRC-check every item it reads (``dcp_dir.plan_read``; no collective); (2) only when every
-rank passed (1): read the tensors into the template and restore (``steps.restore``). An IO
-that overrides ``load_sharded`` gets its own collective read between the two steps instead.
+rank passed (1): ``steps.restore`` reads what the user objects and values need and restores them,
+and only when every rank passed that, reads the modules' and optimizers' tensors (into their own
+storage where the hooks' views share it) and runs the setters. An IO that overrides
+``load_sharded`` reads each of those two parts in a collective pass of its own instead.
 """
 
 from __future__ import annotations
@@ -489,26 +491,47 @@ class Strategy:
         weights_only: bool | None,
         storage_options: StorageOptions | None,
     ) -> tuple[Any, LoadReport | None]:
-        """Read and restore what ``_open_sharded`` checked on every rank, in one agreed step.
+        """Read and restore what ``_open_sharded`` checked on every rank, in agreed steps.
 
-        With a read planned at open, the step reads this rank's tensors into the template (no
-        other collective) and restores. Otherwise the IO's collective DCP pass fills the
-        template first (its errors reach every rank) and the step restores.
+        The read goes in two parts (``steps.restore``): first what the user objects, plain
+        values and remainder need, restored and agreed on; then the modules' and optimizers'
+        tensors, which it writes into their own storage where the hooks' views share it. With
+        a read planned at open, each part reads this rank's items (no other collective);
+        otherwise each part is one of the IO's collective DCP passes (its errors reach every
+        rank).
         """
         template, plan, planned = opened.template, opened.plan, opened.planned
-        if planned is None:
-            self.checkpoint_io.load_sharded(
-                template, path, weights_only=weights_only, storage_options=storage_options
-            )
-
-        read = planned.read if planned is not None else None
         if plan is None:
-            self.run_on_all_ranks("restore", read or (lambda: None))
+            if planned is None:
+                self.checkpoint_io.load_sharded(
+                    template, path, weights_only=weights_only, storage_options=storage_options
+                )
+            self.run_on_all_ranks("restore", planned.read if planned is not None else _nothing)
             return template, None
+        targets = steps.target_keys(plan, template)
+        rest = [key for key in template if key not in targets]
+
+        def read_part(keys: list[str]) -> None:
+            if planned is not None:
+                planned.read(keys)
+                return
+            part = {key: template[key] for key in keys}
+            self.checkpoint_io.load_sharded(
+                part, path, weights_only=weights_only, storage_options=storage_options
+            )
+            template.update(part)  # values the pass put in place of their placeholders
+            plan.checkpoint.update({key: part[key] for key in keys if key in plan.checkpoint})
+
         for key in plan.checkpoint:
             plan.checkpoint[key] = template[key]
         plan.module_dicts.update({k: template[k] for k in plan.module_dicts})
-        remainder = steps.restore(self, plan, read=read)
+        try:
+            remainder = steps.restore(
+                self, plan, read=lambda: read_part(rest), read_targets=lambda: read_part(targets)
+            )
+        finally:
+            if planned is not None:  # a step failed before the last part: let go of the pieces
+                planned.close()
         remainder.update({k: template[k] for k in plan.report.remainder_keys})
         return remainder, plan.report
 
@@ -551,6 +574,10 @@ class Strategy:
             self.checkpoint_io.teardown()
         finally:
             dcp_versions.at_exit()
+
+
+def _nothing() -> None:
+    """A step with nothing to do on this rank (the others still agree on it)."""
 
 
 def _saved_entries(

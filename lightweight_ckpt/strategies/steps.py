@@ -12,9 +12,11 @@ collectives and hang until the process group's timeout. User code (a ``Stateful`
   when the strategy's hooks are collectives, before any rank-local I/O can fail.
 - ``restore``: in agreed steps: (0) before a sharded read, every module's and optimizer's load
   rehearsed (what may refuse, refuses here: nothing written yet), (1) the rank-local part (the
-  sharded read, user objects, plain values; user objects and values rolled back on every rank
-  if any rank failed), (2) a single file's fill into the targets, (3) the module and optimizer
-  setters, on every rank in the same order.
+  sharded read of everything but the modules' and optimizers' tensors, user objects, plain
+  values; user objects and values rolled back on every rank if any rank failed), (2) the
+  sharded read of the modules' and optimizers' tensors, or a single file's fill into the
+  targets: no tensor of theirs is written before every rank passed (1), (3) the module and
+  optimizer setters, on every rank in the same order.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from lightweight_ckpt.state import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
     from lightweight_ckpt.strategies.base import Strategy
     from lightweight_ckpt.types import Checkpoint, FilterMap, State, StateDict
@@ -161,23 +163,39 @@ class _Backup:
         self.state.update(self.values)
 
 
+def target_keys(plan: RestorePlan, keys: Iterable[str]) -> list[str]:
+    """Return which of ``keys`` hold a module's or optimizer's entry in ``plan.state``.
+
+    A sharded read of those writes into the objects' own tensors wherever the hooks' views
+    share storage with them (FSDP2's DTensors, a plain or DDP module's parameters, optimizer
+    moments), so it is the last rank-local step (see ``restore``).
+    """
+    return [key for key in keys if key in plan.state and _is_hooked(plan.state[key])]
+
+
 def restore(
     strategy: Strategy,
     plan: RestorePlan,
     *,
     accepted: set[int] | frozenset[int] = frozenset(),
     read: Callable[[], None] | None = None,
+    read_targets: Callable[[], None] | None = None,
     fill: Callable[[], None] | None = None,
 ) -> Checkpoint:
     """Restore ``plan`` in agreed steps; return the remainder. Runs on every rank.
 
-    ``read``: a sharded read into the plan's tensors, run in the rank-local step once every
-    rank's modules and optimizers accepted the checkpoint (``rehearse_restore``, an agreed step
-    of its own) and before the user objects restore from what it read. ``fill``: a single
-    file's fill into the targets, its own step after the user objects accepted their state.
-    The setters (FSDP1: collectives) run last, on every rank in the same order. A failure in
-    any step on any rank puts the user objects and plain values back on every rank (tensors
-    already read or filled stay as they are).
+    A sharded load passes ``read`` and ``read_targets``. ``read``: what the user objects, the
+    plain values and the remainder need (never a module's or optimizer's tensor), run in the
+    rank-local step just before the user objects restore from it. ``read_targets``: the
+    modules' and optimizers' tensors, an agreed step of its own once every rank's user objects
+    and values accepted theirs, so a refusal on any rank leaves every tensor unwritten. Both
+    come after every rank's modules and optimizers accepted the checkpoint
+    (``rehearse_restore``, an agreed step of its own). ``fill``: a single file's fill into the
+    targets, its own step after the user objects accepted their state. The setters (FSDP1:
+    collectives) run last, on every rank in the same order. A failure in any step on any rank
+    puts the user objects and plain values back on every rank; what may fail once a target
+    is written is the reading itself (the items were CRC-checked when the read was planned)
+    or a setter that accepted the rehearsal but refuses the real tensors.
     """
     setters: list[Callable[[], None]] = []
 
@@ -189,20 +207,25 @@ def restore(
     ) -> None:
         setters.append(lambda: strategy.load_optimizer_state_dict(optimizer, state_dict, module))
 
-    backup = _Backup(plan) if strategy.world_size > 1 else None
+    sharded = read is not None or read_targets is not None
+    # sharded: also in one process, as the read writes into user objects' own tensors
+    backup = _Backup(plan) if strategy.world_size > 1 or sharded else None
 
     def local() -> Checkpoint:
-        if read is None:
+        if not sharded:
             return apply_restore(plan, accepted, defer_module, defer_optimizer)
-        read()
+        if read is not None:
+            read()
         return apply_restore(plan, accepted, defer_module, defer_optimizer, rehearse=False)
 
     try:
-        if read is not None:
-            # its own agreed step: a read writes into the targets, so no rank may start one
-            # until every rank's modules and optimizers accepted the checkpoint
+        if sharded:
+            # its own agreed step: nothing is read before every rank's modules and optimizers
+            # accepted the checkpoint
             strategy.run_on_all_ranks("rehearse", lambda: rehearse_restore(plan))
         remainder = strategy.run_on_all_ranks("restore", local)
+        if read_targets is not None:
+            strategy.run_on_all_ranks("read", read_targets)
         if fill is not None:
             strategy.run_on_all_ranks("fill", fill)
         strategy.run_on_all_ranks("restore modules", lambda: [setter() for setter in setters])
