@@ -64,8 +64,8 @@ def checks(enabled: bool) -> None:
             )
         return int(record.crc)
 
-    def stored_crc(mapped: Any, record: Any, release: bool) -> int:
-        del mapped, release
+    def stored_crc(source: Any, mapped: Any, record: Any, release: bool) -> int:
+        del source, mapped, release
         return int(record.crc)
 
     torch_file.crc_of_map = stored_crc  # type: ignore[attr-defined]

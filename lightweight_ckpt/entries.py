@@ -260,7 +260,7 @@ def verify_file_records(
     try:
         for record in records.values():
             if mapped is not None:
-                actual = zip_records.crc_of_map(mapped, record, release=True)
+                actual = zip_records.crc_of_map(source, mapped, record, release=True)
             else:
                 actual = zip_records.crc_of_source(source, record, bounce)
             problem = None

@@ -314,7 +314,7 @@ def check_items(location: Location, relative: str, wanted: list[tuple[str, int, 
                 continue
             stored = Record(relative, offset, length, expected[1])
             if mapped is not None:
-                actual = crc_of_map(mapped, stored, release=True)
+                actual = crc_of_map(source, mapped, stored, release=True)
             else:
                 actual = crc_of_source(source, stored, bounce or bytearray(_BOUNCE_BYTES))
             if actual != stored.crc:

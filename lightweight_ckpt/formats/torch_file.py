@@ -344,7 +344,9 @@ class TorchFileReader:
             if storage is not None and storage.nbytes() and unbound:
                 actual = crc_into(self.source, record, byte_view(storage))
             elif self._mapped is not None:
-                actual = crc_of_map(self._mapped, record, release=record.name in release)
+                actual = crc_of_map(
+                    self.source, self._mapped, record, release=record.name in release
+                )
             else:
                 actual = crc_of_source(
                     self.source, record, bytearray(min(record.size, _BOUNCE_BYTES) or 1)

@@ -161,21 +161,34 @@ def check_crc(url: str, record: Record, actual: int, entry: str | None = None) -
         )
 
 
-def crc_of_map(mapped: mmap.mmap, record: Record, release: bool) -> int:
-    """CRC32 of a record read through a memory map, window by window.
+def crc_of_map(source: Source, mapped: mmap.mmap, record: Record, release: bool) -> int:
+    """CRC32 of a record of ``source`` read through its memory map, window by window.
 
     With ``release``, each window's pages are dropped from this process after hashing, so
-    verifying data that is then read elsewhere does not grow the resident set.
+    verifying data that is then read elsewhere does not grow the resident set. The file's size
+    is checked before each window: a mapped page past a new end raises SIGBUS, which would kill
+    the process, so a file truncated by another writer raises our error instead.
+
+    Raises:
+        CorruptCheckpointError: the file shrank below the record's end.
     """
     view = memoryview(mapped)
     value = 0
-    for start in range(record.offset, record.offset + record.size, _WINDOW_BYTES):
-        end = min(start + _WINDOW_BYTES, record.offset + record.size)
-        value = crc32(view[start:end], value)
-        if release:
-            aligned = start - start % mmap.PAGESIZE
-            mapped.madvise(mmap.MADV_DONTNEED, aligned, end - aligned)
-    view.release()
+    try:
+        for start in range(record.offset, record.offset + record.size, _WINDOW_BYTES):
+            end = min(start + _WINDOW_BYTES, record.offset + record.size)
+            if source.current_size() < end:
+                raise CorruptCheckpointError(
+                    f"{source.url}: the file shrank to {source.current_size()} bytes while "
+                    f"record {record.name!r} was read: another writer truncated or rewrote it "
+                    "in place. Load again once it is complete."
+                )
+            value = crc32(view[start:end], value)
+            if release:
+                aligned = start - start % mmap.PAGESIZE
+                mapped.madvise(mmap.MADV_DONTNEED, aligned, end - aligned)
+    finally:
+        view.release()
     return value
 
 
@@ -219,7 +232,7 @@ def verify_records(source: Source) -> list[tuple[Record, str | None]]:
     results: list[tuple[Record, str | None]] = []
     for record in records.values():
         if mapped is not None:
-            actual = crc_of_map(mapped, record, release=True)
+            actual = crc_of_map(source, mapped, record, release=True)
         else:
             actual = crc_of_source(source, record, bounce)
         problem = None

@@ -120,3 +120,23 @@ def test_a_file_truncated_between_verify_and_fill_raises_not_sigbus(tmp_path: Pa
         assert str(path) in str(caught.value)
     finally:
         source.close()
+
+
+def test_a_file_truncated_before_verification_raises_not_sigbus(tmp_path: Path) -> None:
+    """The CRC pass reads through the file's map too: a shrunken file is our error."""
+    path = tmp_path / "shrinks-early.pt"
+    Fabric().save(path, {"model": nn.Linear(1024, 1024)})
+    target = nn.Linear(1024, 1024)
+    before = snapshot(target)
+    source = open_source(resolve(path))
+    reader = TorchFileReader(source, weights_only=True, map_location=None)
+    try:
+        skeleton = reader.skeleton()["model"]["weight"]
+        with path.open("r+b") as file:
+            file.truncate(4096)
+        with pytest.raises(CorruptCheckpointError, match="shrank") as caught:
+            reader.verify({id(skeleton): target.weight.data})
+        assert str(path) in str(caught.value)
+        assert_states_equal(target, before)
+    finally:
+        source.close()
