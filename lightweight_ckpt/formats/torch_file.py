@@ -95,18 +95,21 @@ def copy_from_map(source: Source, mapped: mmap.mmap, record: Record, target: tor
     """
     destination = torch.empty(0, dtype=torch.uint8).set_(target.untyped_storage())
     whole = torch.frombuffer(mapped, dtype=torch.uint8)
-    for start in range(0, record.size, _COPY_WINDOW_BYTES):
-        end = min(start + _COPY_WINDOW_BYTES, record.size)
-        first, last = record.offset + start, record.offset + end
-        if source.current_size() < last:
-            raise CorruptCheckpointError(
-                f"{source.url}: the file shrank while record {record.name!r} was read into its "
-                f"tensor (now {source.current_size()} bytes): another writer truncated or "
-                "rewrote it in place. Some tensors may hold partial data; load again."
-            )
-        destination[start:end].copy_(whole[first:last])
-        aligned = first - first % mmap.PAGESIZE
-        mapped.madvise(mmap.MADV_DONTNEED, aligned, last - aligned)
+    try:
+        for start in range(0, record.size, _COPY_WINDOW_BYTES):
+            end = min(start + _COPY_WINDOW_BYTES, record.size)
+            first, last = record.offset + start, record.offset + end
+            if source.current_size() < last:
+                raise CorruptCheckpointError(
+                    f"{source.url}: the file shrank while record {record.name!r} was read into "
+                    f"its tensor (now {source.current_size()} bytes): another writer truncated "
+                    "or rewrote it in place. Some tensors may hold partial data; load again."
+                )
+            destination[start:end].copy_(whole[first:last])
+            aligned = first - first % mmap.PAGESIZE
+            mapped.madvise(mmap.MADV_DONTNEED, aligned, last - aligned)
+    finally:
+        del whole  # a traceback keeps this frame: the map could not be closed while it exports
 
 
 def byte_view(storage: torch.UntypedStorage) -> memoryview:
