@@ -22,63 +22,54 @@ fsspec writer lacks, without changing the format:
   listing, records) is retried on transient faults (``storage.call_with_retries``).
 - **Our errors.** DCP's ``CheckpointException`` (a ``BaseException``) becomes a
   ``CheckpointError`` naming the path: a store that failed for good is a
-  ``CheckpointReadError``/``CheckpointWriteError`` (``storage.storage_error``), never damage.
+  ``CheckpointReadError``/``CheckpointWriteError`` (``storage.storage_error``), never damage
+  (``formats.dcp_calls``).
+- **Reads.** The tensors and values of a committed checkpoint are read into a tree by
+  ``formats.dcp_load`` (one collective DCP pass, or this rank's part planned, checked and read
+  in steps); its names are re-exported here.
 - **No ``.metadata``, no checkpoint.** A folder without it (an interrupted first save) raises
   ``CheckpointNotFoundError``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import pickle
 import posixpath
-import traceback
-import warnings
 from typing import IO, TYPE_CHECKING, Any
 
 import torch
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import (
     CURRENT_DCP_VERSION,
     _StoragePrefix,
 )
 from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
     Metadata,
     StorageMeta,
-    TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.planner import LoadItemType
-from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from lightweight_ckpt.errors import (
-    CheckpointError,
     CheckpointNotFoundError,
-    CheckpointWriteError,
     CorruptCheckpointError,
     InvalidCheckpointError,
-    StateMismatchError,
 )
-from lightweight_ckpt.formats import dcp_checksums, dcp_reader, dcp_staging, dcp_versions
+from lightweight_ckpt.formats import dcp_checksums, dcp_load, dcp_reader, dcp_staging, dcp_versions
+from lightweight_ckpt.formats.dcp_calls import distributed, single_process_ok, translate
 from lightweight_ckpt.storage import (
     Location,
     Sink,
     call_with_retries,
-    classify_failure,
     is_directory,
     staged_write,
-    storage_error,
     write_with_retries,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Collection, Iterator
+    import contextlib
 
     from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
     from torch.distributed.checkpoint.storage import WriteResult
@@ -90,25 +81,19 @@ log = logging.getLogger("lightweight_ckpt")
 
 METADATA = dcp_reader.METADATA
 
-# version folders live in ``dcp_versions``; io, manager and tests use these names from here
+# reads live in ``dcp_load`` and version folders in ``dcp_versions``; io, manager, strategies
+# and tests use these names from here
 VERSION_PREFIX = dcp_versions.VERSION_PREFIX
 new_version = dcp_versions.new_version
 prepare = dcp_versions.prepare
 remove_stale_versions = dcp_versions.remove_stale_versions
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-@contextlib.contextmanager
-def _single_process_ok() -> Iterator[None]:
-    """DCP warns on every call without a process group; one process is a supported case here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
-        # pieces go to a fresh version folder; overwriting is our own commit, by design
-        warnings.filterwarnings("ignore", message="Detected an existing checkpoint in")
-        yield
+PlannedRead = dcp_load.PlannedRead
+plan_read = dcp_load.plan_read
+read = dcp_load.read
+read_items = dcp_load.read_items
+read_values = dcp_load.read_values
+skeleton = dcp_load.skeleton
+tensors_of = dcp_load.tensors_of
 
 
 def is_sharded(location: Location) -> bool:
@@ -219,41 +204,16 @@ def write(
     """Save this rank's piece of ``checkpoint`` (a collective: every rank calls it)."""
     writer = _VersionedWriter(location, version, storage_options)
     try:
-        with _single_process_ok():
+        with single_process_ok():
             dcp_save(
                 checkpoint,
                 storage_writer=writer,
                 process_group=dcp_staging.group_of_this_thread(),
-                no_dist=not _distributed(),
+                no_dist=not distributed(),
             )
     except CheckpointException as err:
-        raise _translate(location.url, err, writing=True) from err
+        raise translate(location.url, err, writing=True) from err
     dcp_versions.note_committed(location, version)  # DCP returns on every rank after the commit
-
-
-def _translate(url: str, err: CheckpointException, writing: bool) -> Exception:
-    """Turn DCP's ``CheckpointException`` (a BaseException!) into one of our errors."""
-    failures = [
-        wrapped[0] if isinstance(wrapped, tuple) else wrapped
-        for wrapped in getattr(err, "failures", {}).values()
-    ]
-    for failure in failures:
-        if isinstance(failure, CheckpointError):
-            return failure
-    for failure in failures:  # a store that failed (after retries), not damaged bytes
-        if isinstance(failure, BaseException) and classify_failure(failure) is not None:
-            return storage_error(url, "writing" if writing else "reading", failure)
-    ranks = sorted(getattr(err, "failures", {}))
-    detail = "; ".join(f"{type(f).__name__}: {f}" for f in failures) or str(err)
-    if writing:
-        return CheckpointWriteError(f"{url}: sharded save failed on rank(s) {ranks}: {detail}")
-    if "Missing key in checkpoint state_dict" in detail:
-        return StateMismatchError(f"{url}: the sharded checkpoint lacks entries: {detail}")
-    if any(isinstance(f, FileNotFoundError) for f in failures):
-        return CorruptCheckpointError(
-            f"{url}: a piece of the sharded checkpoint is missing: {detail}"
-        )
-    return CorruptCheckpointError(f"{url}: the sharded checkpoint is unreadable: {detail}")
 
 
 def read_metadata(location: Location, storage_options: Any) -> Metadata:
@@ -285,7 +245,7 @@ def read_metadata(location: Location, storage_options: Any) -> Metadata:
         raise CorruptCheckpointError(f"{location.url}: {METADATA} is unreadable: {err}") from err
     dcp_reader.keep_parsed(location, metadata)
     if not dcp_checksums.is_checksummed(metadata) and (
-        not _distributed() or torch.distributed.get_rank() == 0
+        not distributed() or torch.distributed.get_rank() == 0
     ):
         log.warning(
             "%s: written without checksum records (before lightweight_ckpt added them); "
@@ -307,197 +267,6 @@ def top_level_keys(metadata: Metadata) -> dict[str, list[str]]:
         path = mappings.get(fqn, (fqn,))
         keys.setdefault(str(path[0]), []).append(fqn)
     return keys
-
-
-def read(
-    template: dict[str, Any], location: Location, storage_options: Any, weights_only: bool
-) -> None:
-    """Fill ``template`` in place from the checkpoint (a collective: every rank calls it).
-
-    The metadata ``read_metadata`` parsed for this load is not parsed again (local disk).
-    """
-    reader = dcp_reader.reader_for(location, storage_options)
-    reader.known_metadata = dcp_reader.take_parsed(location)
-    try:
-        with _single_process_ok():
-            dcp_load(
-                template,
-                storage_reader=reader,
-                planner=dcp_reader.SafeLoadPlanner(location.url, weights_only),
-                no_dist=not _distributed(),
-            )
-    except CheckpointException as err:
-        raise _translate(location.url, err, writing=False) from err
-    finally:
-        reader.release()
-
-
-class PlannedRead:
-    """This rank's part of a sharded load, planned and checked; no tensor target written yet.
-
-    From ``plan_read``: the items this rank reads are CRC-checked, their pieces pinned, and the
-    non-tensor values read into the template's own slots. ``read`` fills the tensors (the
-    targets), all at once or a few top-level keys at a time; ``close`` lets go without reading
-    (another rank failed).
-    """
-
-    def __init__(self, url: str, reader: Any, planner: Any, plan: Any) -> None:
-        self._url = url
-        self._reader = reader
-        self._planner = planner
-        self._plan = plan
-
-    def _top_level_key(self, item: Any) -> str:
-        fqn = item.dest_index.fqn
-        return str(getattr(self._planner, "mappings", {}).get(fqn, (fqn,))[0])
-
-    def read(self, keys: Collection[str] | None = None) -> None:
-        """Read the tensor items under the top-level ``keys`` (None: every one left).
-
-        An item is read once; when none is left, the pieces are let go. A failure lets go of
-        them at once.
-        """
-        now: list[Any] = []
-        later: list[Any] = []
-        for item in self._plan.items:
-            (now if keys is None or self._top_level_key(item) in keys else later).append(item)
-        self._plan = dataclasses.replace(self._plan, items=later)
-        try:
-            if now:
-                self._reader.read_data(
-                    dataclasses.replace(self._plan, items=now), self._planner
-                ).wait()
-        except BaseException as err:
-            self.close()
-            if isinstance(err, CheckpointError) or not isinstance(err, Exception):
-                raise
-            failure = CheckpointException(
-                "read", {0: (err, traceback.extract_tb(err.__traceback__))}
-            )
-            raise _translate(self._url, failure, writing=False) from err
-        if not later:
-            self.close()
-
-    def close(self) -> None:
-        """Release the pinned pieces (again: nothing)."""
-        self._reader.release()
-
-
-def plan_read(
-    template: dict[str, Any], location: Location, storage_options: Any, weights_only: bool
-) -> PlannedRead:
-    """Plan this rank's part of a sharded load of ``template``, with no collective.
-
-    DCP's local steps (plan, ``prepare_local_plan``: pin and CRC-check every item this rank
-    reads) and its global step, which is the identity for loads, run here; DCP's own agreement
-    steps are left to the caller, who agrees on this step's outcome across ranks before
-    ``read``. Non-tensor values are read now (they may fail under ``weights_only``), into the
-    template; nothing the caller owns is written.
-    """
-    reader = dcp_reader.reader_for(location, storage_options)
-    reader.known_metadata = dcp_reader.take_parsed(location)
-    planner = dcp_reader.SafeLoadPlanner(location.url, weights_only)
-    try:
-        metadata = reader.read_metadata()
-        coordinator = not _distributed() or torch.distributed.get_rank() == 0
-        planner.set_up_planner(template, metadata, coordinator)
-        reader.set_up_storage_reader(metadata, coordinator)
-        (plan,) = reader.prepare_global_plan(
-            planner.create_global_plan([reader.prepare_local_plan(planner.create_local_plan())])
-        )
-        plan = planner.finish_plan(plan)
-        values = [item for item in plan.items if item.type == LoadItemType.BYTE_IO]
-        if values:
-            reader.read_data(dataclasses.replace(plan, items=values), planner).wait()
-        tensors = [item for item in plan.items if item.type != LoadItemType.BYTE_IO]
-    except BaseException as err:
-        reader.release()
-        if isinstance(err, CheckpointError) or not isinstance(err, Exception):
-            raise
-        failure = CheckpointException("plan", {0: (err, traceback.extract_tb(err.__traceback__))})
-        raise _translate(location.url, failure, writing=False) from err
-    return PlannedRead(location.url, reader, planner, dataclasses.replace(plan, items=tensors))
-
-
-def skeleton(metadata: Metadata, keys: set[str] | None = None) -> dict[str, Any]:
-    """Build the checkpoint's tree (or its top-level ``keys``) for DCP to fill.
-
-    Tensors are full-size, allocated but unread (untouched memory is not resident); non-tensor
-    values are ``None`` placeholders that the load replaces.
-    """
-    tree: dict[str, Any] = {}
-    mappings = metadata.planner_data or {}
-    for fqn, item in metadata.state_dict_metadata.items():
-        path = mappings.get(fqn, (fqn,))
-        if keys is not None and str(path[0]) not in keys:
-            continue
-        value = None
-        if isinstance(item, TensorStorageMetadata):
-            value = torch.empty(tuple(item.size), dtype=item.properties.dtype)
-        set_element(tree, path, value)
-    return tree
-
-
-def tensors_of(tree: Any, metadata: Metadata) -> dict[str, torch.Tensor]:
-    """Map each tensor item's name in ``metadata`` to its tensor in a ``skeleton`` tree."""
-    found: dict[str, torch.Tensor] = {}
-    mappings = metadata.planner_data or {}
-    for fqn, item in metadata.state_dict_metadata.items():
-        if isinstance(item, TensorStorageMetadata):
-            node = tree
-            for part in mappings.get(fqn, (fqn,)):
-                node = node[part]
-            found[fqn] = node
-    return found
-
-
-def read_items(
-    location: Location,
-    storage_options: Any,
-    items: dict[str, Any],
-    weights_only: bool,
-    *,
-    metadata: Metadata | None = None,
-) -> None:
-    """Fill ``{item name: tensor or None}`` in place from the checkpoint, in this process only.
-
-    Pass the checkpoint's ``metadata`` when reading item by item: DCP otherwise reads and
-    unpickles ``.metadata`` again on every call (90% of a 600-tensor consolidate).
-    """
-    reader = dcp_reader.reader_for(location, storage_options)
-    reader.known_metadata = metadata
-    try:
-        _load_state_dict(
-            items,
-            storage_reader=reader,
-            planner=dcp_reader.SafeLoadPlanner(location.url, weights_only),
-            no_dist=True,
-        )
-    except CheckpointException as err:
-        raise _translate(location.url, err, writing=False) from err
-    finally:
-        reader.release()
-
-
-def read_values(
-    location: Location,
-    storage_options: Any,
-    metadata: Metadata,
-    tree: dict[str, Any],
-    *,
-    weights_only: bool,
-) -> None:
-    """Read every non-tensor item and put it into ``tree`` where it belongs."""
-    mappings = metadata.planner_data or {}
-    names = [
-        fqn
-        for fqn, item in metadata.state_dict_metadata.items()
-        if isinstance(item, BytesStorageMetadata)
-    ]
-    values: dict[str, Any] = dict.fromkeys(names)
-    read_items(location, storage_options, values, weights_only, metadata=metadata)
-    for name, value in values.items():
-        set_element(tree, mappings.get(name, (name,)), value)
 
 
 def check_pieces(

@@ -16,53 +16,42 @@ Save: check → agree on the path → collect (the hooks' state dicts first, in 
 every rank, then user objects and filters; agreed) → ``write``; a failure on any rank raises on
 every rank, and none is left inside a collective the others skipped (``steps``).
 
-Load, single file, in two steps agreed by every rank: (1) open a staged reader →
-``plan_restore`` (checks everything, changes nothing) → ``verify`` (CRC32, fill the reader's own
-tensors); (2) only when every rank passed (1): ``steps.restore`` (user objects and values; then
-``fill`` reads into the targets; then the module and optimizer setters, each an agreed step). A
-damaged file or a mismatched state on one rank therefore changes no rank's state. Where the hooks
-are collectives (FSDP), their views of the state are computed before (1), on every rank in the
-same order (``steps.StateViews``), so a rank failing its I/O never skips them.
+Load, single file (``file_load``), in two steps agreed by every rank: (1) open, check and verify
+on every rank, changing nothing; (2) only when every rank passed (1), restore in agreed steps
+(``steps.restore``). A damaged file or a mismatched state on one rank therefore changes no
+rank's state. Where the hooks are collectives (FSDP), their views of the state are computed
+before (1), on every rank in the same order (``steps.StateViews``), so a rank failing its I/O
+never skips them.
+
+Load, sharded directory (``sharded_load``), in the same agreed steps: (1) check the metadata
+against the state, build the template and plan this rank's read; (2) read and restore, user
+objects and values before any module's or optimizer's tensor is written.
 
 Ranks coordinate through two hooks, ``run_on_all_ranks`` and ``broadcast_object``
 (``torch.distributed`` through ``collectives`` by default; XLA replicas use their runtime).
-
-Load, sharded directory, in the same two agreed steps: (1) read the metadata → check keys and
-shapes → build a template from the hooks (sharded where the modules are) → plan this rank's DCP
-read and CRC-check every item it reads (``dcp_dir.plan_read``; no collective); (2) only when every
-rank passed (1): ``steps.restore`` reads what the user objects and values need and restores them,
-and only when every rank passed that, reads the modules' and optimizers' tensors (into their own
-storage where the hooks' views share it) and runs the setters. An IO that overrides
-``load_sharded`` reads each of those two parts in a collective pass of its own instead.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast, final
 
 import torch
 from torch import nn
 
 from lightweight_ckpt import collectives
-from lightweight_ckpt.errors import InvalidCheckpointError
 from lightweight_ckpt.formats import dcp_versions
-from lightweight_ckpt.formats.dcp_dir import PlannedRead, plan_read, skeleton, top_level_keys
 from lightweight_ckpt.io import CheckpointIO, CheckpointReader, TorchCheckpointIO
 from lightweight_ckpt.state import (
     RAW_KEY,
     LoadReport,
     RestorePlan,
-    collect,
-    is_stateful,
     owner_module,
-    plan_restore,
     restore_module,
     restore_optimizer,
     to_state_dict,
     unwrap_module,
 )
-from lightweight_ckpt.strategies import steps
+from lightweight_ckpt.strategies import file_load, sharded_load, steps
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -79,43 +68,6 @@ if TYPE_CHECKING:
 
 
 T = TypeVar("T")
-
-
-@dataclass
-class OpenFile:
-    """A checkpoint file that is checked and verified on this rank; nothing restored yet."""
-
-    reader: CheckpointReader
-    checkpoint: Any
-    plan: RestorePlan | None
-    accepted: set[int]
-
-    def close(self) -> None:
-        """Release the reader (another rank failed: nothing is restored)."""
-        self.reader.close()
-
-
-def _close_sharded(opened: OpenSharded | None) -> None:
-    if opened is not None:
-        opened.close()
-
-
-@dataclass
-class OpenSharded:
-    """A sharded checkpoint checked against the state on this rank; nothing restored yet.
-
-    ``template``: what the read fills; ``plan``: the restore plan (None: no state given);
-    ``planned``: this rank's read, planned and checked (None: the IO reads collectively).
-    """
-
-    template: Checkpoint
-    plan: RestorePlan | None
-    planned: PlannedRead | None
-
-    def close(self) -> None:
-        """Let go of the planned read (another rank failed: nothing is read or restored)."""
-        if self.planned is not None:
-            self.planned.close()
 
 
 class Strategy:
@@ -281,10 +233,10 @@ class Strategy:
                 lambda: self._open_sharded_read(
                     path, state, strict, weights_only, storage_options, views=views
                 ),
-                on_abort=_close_sharded,
+                on_abort=sharded_load.close,
             )
             if opened is not None:
-                return self._load_sharded(path, opened, weights_only, storage_options)
+                return sharded_load.load(self, path, opened, weights_only, storage_options)
         except collectives.RankFailedError as failure:  # damage seen by one rank: the same error
             raise failure.checkpoint_error() from failure  # on all (as DCP's own steps did)
         return self._load_file(path, state, strict, weights_only, storage_options, views=views)
@@ -310,95 +262,22 @@ class Strategy:
         shared = self.read_shared(path, weights_only, storage_options)
         opened = self.run_on_all_ranks(
             "read",
-            lambda: self._open_file(
+            lambda: file_load.open_file(
+                self,
                 path,
                 state,
-                strict,
-                weights_only,
-                storage_options,
+                strict=strict,
+                weights_only=weights_only,
+                storage_options=storage_options,
                 raw=raw,
                 shared=shared,
                 views=views,
             ),
-            on_abort=OpenFile.close,
+            on_abort=file_load.OpenFile.close,
         )
         if opened.plan is None:
-            return self.run_on_all_ranks("restore", lambda: self._restore_file(opened))
-        return self._restore_file(opened)  # in agreed steps
-
-    def _open_file(
-        self,
-        path: StrPath,
-        state: State | None,
-        strict: bool,
-        weights_only: bool | None,
-        storage_options: StorageOptions | None,
-        *,
-        raw: bool,
-        shared: CheckpointReader | None = None,
-        views: steps.StateViews | None = None,
-    ) -> OpenFile:
-        """Open, plan and verify one file on this rank; change nothing the caller owns.
-
-        ``shared``: the file as ``read_shared`` handed it to this rank (then nothing is read).
-        """
-        reader = (
-            shared
-            if shared is not None
-            else self.checkpoint_io.open_checkpoint(
-                path,
-                map_location=self.map_location,
-                weights_only=weights_only,
-                storage_options=storage_options,
-            )
-        )
-        try:
-            return self._check_file(reader, path, state, strict, raw=raw, views=views)
-        except BaseException:
-            reader.close()
-            raise
-
-    def _check_file(
-        self,
-        reader: CheckpointReader,
-        path: StrPath,
-        state: State | None,
-        strict: bool,
-        *,
-        raw: bool,
-        views: steps.StateViews | None = None,
-    ) -> OpenFile:
-        checkpoint = reader.skeleton()
-        if not state:
-            return OpenFile(reader, checkpoint, None, reader.verify({}))
-        if not isinstance(checkpoint, dict):
-            hint = "" if raw else " Use load_raw() for a file of one state dict."
-            raise InvalidCheckpointError(
-                f"{path}: holds a {type(checkpoint).__name__}, not a dict.{hint}"
-            )
-        views = views or steps.StateViews(self, state)
-        plan = plan_restore(
-            str(path),
-            state,
-            {RAW_KEY: checkpoint} if raw else checkpoint,
-            strict,
-            target_of=views.target,
-            group_sizes=views.group_sizes,
-        )
-        accepted = reader.verify({id(b.source): b.target for b in plan.bindings})
-        return OpenFile(reader, checkpoint, plan, accepted)
-
-    def _restore_file(self, opened: OpenFile) -> tuple[Any, LoadReport | None]:
-        """Restore what ``_open_file`` checked (every rank passed it) and close the reader.
-
-        With a plan, runs on every rank (``steps.restore``: agreed steps).
-        """
-        with opened.reader as reader:
-            if opened.plan is None:
-                reader.fill()
-                return opened.checkpoint, None
-            remainder = steps.restore(self, opened.plan, accepted=opened.accepted, fill=reader.fill)
-        return remainder, opened.plan.report
+            return self.run_on_all_ranks("restore", lambda: file_load.restore_file(self, opened))
+        return file_load.restore_file(self, opened)  # in agreed steps
 
     def _open_sharded_read(
         self,
@@ -409,24 +288,20 @@ class Strategy:
         storage_options: StorageOptions | None,
         *,
         views: steps.StateViews | None = None,
-    ) -> OpenSharded | None:
+    ) -> sharded_load.OpenSharded | None:
         """If ``path`` is sharded: check it against ``state``, build the template, plan the read.
 
         Returns None for a single file. Where the IO reads sharded checkpoints the default way,
-        this rank's read is planned and checked here too (``dcp_dir.plan_read``: CRC32 of every
-        item it reads, non-tensor values read), so that the "open" agreement also stands for
-        DCP's planning step and nothing the caller owns is written before every rank passed it.
+        this rank's read is planned and checked here too (``sharded_load.plan``), so that the
+        "open" agreement also stands for DCP's planning step.
         """
         opened = self._open_sharded(path, state, strict, storage_options, views=views)
         if opened is None:
             return None
         template, plan = opened
-        io = self.checkpoint_io
-        if type(io).load_sharded is not CheckpointIO.load_sharded:
-            return OpenSharded(template, plan, None)  # the IO's own read, a collective
-        location, options = io.locate(path, storage_options), io.options(storage_options)
-        planned = plan_read(template, location, options, weights_only is not False)
-        return OpenSharded(template, plan, planned)
+        return sharded_load.plan(
+            self, path, template, plan, weights_only=weights_only, storage_options=storage_options
+        )
 
     def _open_sharded(
         self,
@@ -437,103 +312,10 @@ class Strategy:
         *,
         views: steps.StateViews | None = None,
     ) -> tuple[Checkpoint, RestorePlan | None] | None:
-        """If ``path`` is sharded: ``_sharded_template``; None for a single file."""
+        """If ``path`` is sharded: ``sharded_load.template``; None for a single file."""
         if not self.checkpoint_io.is_sharded(path, storage_options):
             return None
-        return self._sharded_template(path, state, strict, storage_options, views=views)
-
-    def _sharded_template(
-        self,
-        path: StrPath,
-        state: State | None,
-        strict: bool,
-        storage_options: StorageOptions | None,
-        *,
-        views: steps.StateViews | None = None,
-    ) -> tuple[Checkpoint, RestorePlan | None]:
-        """Check the sharded checkpoint at ``path`` against ``state``; build the template.
-
-        The template holds the stateful entries as the hooks give them (sharded for FSDP
-        modules), and plain values and unrequested entries as laid out in the metadata, so that
-        one DCP pass reads everything.
-        """
-        io = self.checkpoint_io
-        metadata = io.read_sharded_metadata(path, storage_options)
-        available = top_level_keys(metadata)
-        if not state:
-            return skeleton(metadata, set(available)), None
-        views = views or steps.StateViews(self, state)
-        present = {k: obj for k, obj in state.items() if k in available}
-        stateful = {k: obj for k, obj in present.items() if is_stateful(obj)}
-        template = collect(stateful, {}, views.sharded)
-        saved = _saved_entries(metadata, available, template, state)
-        saved.update({k: None for k in present if k not in stateful})  # filled by the same pass
-        plan = plan_restore(
-            str(path),
-            state,  # all of it: requested keys the checkpoint lacks are named in one error
-            saved,
-            strict,
-            target_of=views.target,
-            group_sizes=views.group_sizes,
-            available=available,
-        )
-        for key, entry in plan.module_dicts.items():  # keep what matched, as the plan decided
-            template[key] = {name: template[key][name] for name in entry if name in template[key]}
-        template.update(skeleton(metadata, set(available) - set(stateful)))
-        plan.state = state
-        plan.report = _with_missing(plan.report, state, available)
-        return template, plan
-
-    def _load_sharded(
-        self,
-        path: StrPath,
-        opened: OpenSharded,
-        weights_only: bool | None,
-        storage_options: StorageOptions | None,
-    ) -> tuple[Any, LoadReport | None]:
-        """Read and restore what ``_open_sharded`` checked on every rank, in agreed steps.
-
-        The read goes in two parts (``steps.restore``): first what the user objects, plain
-        values and remainder need, restored and agreed on; then the modules' and optimizers'
-        tensors, which it writes into their own storage where the hooks' views share it. With
-        a read planned at open, each part reads this rank's items (no other collective);
-        otherwise each part is one of the IO's collective DCP passes (its errors reach every
-        rank).
-        """
-        template, plan, planned = opened.template, opened.plan, opened.planned
-        if plan is None:
-            if planned is None:
-                self.checkpoint_io.load_sharded(
-                    template, path, weights_only=weights_only, storage_options=storage_options
-                )
-            self.run_on_all_ranks("restore", planned.read if planned is not None else _nothing)
-            return template, None
-        targets = steps.target_keys(plan, template)
-        rest = [key for key in template if key not in targets]
-
-        def read_part(keys: list[str]) -> None:
-            if planned is not None:
-                planned.read(keys)
-                return
-            part = {key: template[key] for key in keys}
-            self.checkpoint_io.load_sharded(
-                part, path, weights_only=weights_only, storage_options=storage_options
-            )
-            template.update(part)  # values the pass put in place of their placeholders
-            plan.checkpoint.update({key: part[key] for key in keys if key in plan.checkpoint})
-
-        for key in plan.checkpoint:
-            plan.checkpoint[key] = template[key]
-        plan.module_dicts.update({k: template[k] for k in plan.module_dicts})
-        try:
-            remainder = steps.restore(
-                self, plan, read=lambda: read_part(rest), read_targets=lambda: read_part(targets)
-            )
-        finally:
-            if planned is not None:  # a step failed before the last part: let go of the pieces
-                planned.close()
-        remainder.update({k: template[k] for k in plan.report.remainder_keys})
-        return remainder, plan.report
+        return sharded_load.template(self, path, state, strict, storage_options, views=views)
 
     @final
     def load_raw(
@@ -574,39 +356,3 @@ class Strategy:
             self.checkpoint_io.teardown()
         finally:
             dcp_versions.at_exit()
-
-
-def _nothing() -> None:
-    """A step with nothing to do on this rank (the others still agree on it)."""
-
-
-def _saved_entries(
-    metadata: Any,
-    available: dict[str, list[str]],
-    template: Checkpoint,
-    state: State,
-) -> Checkpoint:
-    """Describe each saved module entry as ``{name: meta tensor of the saved shape}``.
-
-    Module entries are compared by name and shape before any data is read; the other entries
-    pass through from the template (DCP and their own setters check their structure).
-    """
-    saved: Checkpoint = {}
-    for key, value in template.items():
-        if not isinstance(state[key], nn.Module):
-            saved[key] = value
-            continue
-        entry = {}
-        for fqn in available[key]:
-            size = getattr(metadata.state_dict_metadata[fqn], "size", None)
-            meta = torch.empty(tuple(size), device="meta") if size is not None else None
-            entry[fqn.removeprefix(f"{key}.")] = meta
-        saved[key] = entry
-    return saved
-
-
-def _with_missing(report: LoadReport, state: State, available: dict[str, list[str]]) -> LoadReport:
-    """Report the state keys the checkpoint lacks and the entries it holds beyond ``state``."""
-    missing = tuple(sorted(k for k in state if k not in available))
-    remainder = tuple(k for k in available if k not in state)
-    return LoadReport(report.path, report.strict, report.entries, missing, remainder)

@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
 
 from lightweight_ckpt import Fabric, UnsafeCheckpointError
 from lightweight_ckpt.collectives import RankFailedError
-from lightweight_ckpt.formats import dcp_reader
+from lightweight_ckpt.formats import dcp_items, dcp_reader
 from lightweight_ckpt.strategies import FSDPStrategy
 from tests.helpers.asserts import assert_states_differ, assert_states_equal, snapshot
 from tests.helpers.distributed import run_distributed
@@ -90,11 +90,11 @@ def test_which_items_are_read_directly(tmp_path: Path, fqn: str, fast: bool) -> 
     fd, offset, length = _read_item(path, fqn)
     try:
         if fast:
-            dcp_reader.read_tensor_item(fd, offset, length, request, target)
+            dcp_items.read_tensor_item(fd, offset, length, request, target)
             assert torch.equal(target, stored)
         else:
-            with pytest.raises(dcp_reader._OffFastPathError):
-                dcp_reader.read_tensor_item(fd, offset, length, request, target)
+            with pytest.raises(dcp_items.OffFastPathError):
+                dcp_items.read_tensor_item(fd, offset, length, request, target)
             assert not target.any()  # nothing was written before it gave up
     finally:
         os.close(fd)
@@ -117,7 +117,7 @@ def test_a_block_of_rows_is_read_directly(tmp_path: Path) -> None:
     fd, offset, length = _read_item(path, fqn)
     try:
         target = torch.zeros(4, 16)
-        dcp_reader.read_tensor_item(fd, offset, length, request, target)
+        dcp_items.read_tensor_item(fd, offset, length, request, target)
         assert torch.equal(target, source.linear.weight.detach()[2:6])
         columns = ReadItem(
             **{
@@ -126,11 +126,11 @@ def test_a_block_of_rows_is_read_directly(tmp_path: Path) -> None:
                 "lengths": torch.Size([8, 8]),
             }
         )
-        with pytest.raises(dcp_reader._OffFastPathError):  # not one block: DCP's path reads it
-            dcp_reader.read_tensor_item(fd, offset, length, columns, torch.zeros(8, 8))
+        with pytest.raises(dcp_items.OffFastPathError):  # not one block: DCP's path reads it
+            dcp_items.read_tensor_item(fd, offset, length, columns, torch.zeros(8, 8))
         outside = ReadItem(**{**request.__dict__, "storage_offsets": torch.Size([6, 0])})
-        with pytest.raises(dcp_reader._OffFastPathError):  # rows 6..9 of 8: never read
-            dcp_reader.read_tensor_item(fd, offset, length, outside, torch.zeros(4, 16))
+        with pytest.raises(dcp_items.OffFastPathError):  # rows 6..9 of 8: never read
+            dcp_items.read_tensor_item(fd, offset, length, outside, torch.zeros(4, 16))
     finally:
         os.close(fd)
 
