@@ -24,10 +24,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import hashlib
 import io
+import logging
 import posixpath
 import re
 import threading
+import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,16 +39,33 @@ from urllib.parse import quote
 
 from fsspec.asyn import sync
 
-from lightweight_ckpt.retries import call_with_retries
+from lightweight_ckpt.retries import RetryPolicy, call_with_retries, classify_failure
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from lightweight_ckpt.location import Location
 
+log = logging.getLogger("lightweight_ckpt")
+
 S3_MIN_PART_BYTES = 5 * 2**20  # every part but the last
 S3_MAX_PART_BYTES = 5 * 2**30
 _PARTS_PER_SIZE = 1000  # part size doubles after each 1000 parts (S3 allows 10,000)
+
+
+def multipart_etag(part_etags: list[str]) -> str | None:
+    """The ETag S3 gives an object completed from parts with these ETags (no quotes).
+
+    The MD5 of the parts' binary MD5s, then ``-`` and the part count. None where a part's ETag
+    is not an MD5 (SSE-C / SSE-KMS objects), so that the completed object cannot be recognised.
+    """
+    digests = []
+    for etag in part_etags:
+        plain = etag.strip('"')
+        if not re.fullmatch(r"[0-9a-fA-F]{32}", plain):
+            return None
+        digests.append(bytes.fromhex(plain))
+    return f"{hashlib.md5(b''.join(digests), usedforsecurity=False).hexdigest()}-{len(digests)}"
 
 
 def part_size(number: int, part_bytes: int) -> int:
@@ -242,13 +262,49 @@ class S3PartWriter(_PartWriter):
         return part
 
     def _publish(self, parts: list[Any]) -> None:
-        self._location.fs.call_s3(
-            "complete_multipart_upload",
-            Bucket=self._bucket,
-            Key=self._key,
-            UploadId=self._upload_id,
-            MultipartUpload={"Parts": parts},
-        )
+        """Complete the upload; if its answer was lost, ask the store whether it completed.
+
+        Completing a large upload can take the store longer than a read timeout (S3 itself
+        keeps the connection alive with whitespace; moto, MinIO and others answer only at the
+        end), or its answer can be cut off. botocore then sends the request again, and the
+        upload it names is already gone: the object was published, but the save would report
+        failure and start over. So after a failure the object's ETag is compared with the one
+        these parts give (``multipart_etag``); while the failure looks transient, the store is
+        asked again until ``LWCKPT_RETRY_DEADLINE_S``, since it may still be assembling.
+        """
+        try:
+            self._location.fs.call_s3(
+                "complete_multipart_upload",
+                Bucket=self._bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
+                MultipartUpload={"Parts": parts},
+            )
+        except Exception as err:
+            expected = multipart_etag([str(part["ETag"]) for part in parts])
+            if expected is None:
+                raise
+            kind = classify_failure(err)
+            patience = RetryPolicy.current().deadline_s if kind and kind[0] == "transient" else 0
+            if not self._wait_for_etag(expected, time.monotonic() + patience):
+                raise
+            log.info(
+                "%s: the store completed the upload, though its answer was lost (%s)",
+                self._location.url, type(err).__name__,
+            )  # fmt: skip
+
+    def _wait_for_etag(self, expected: str, deadline: float) -> bool:
+        """True once the object carries ``expected``; False if it does not by ``deadline``."""
+        pause = 0.5
+        while True:
+            with contextlib.suppress(Exception):  # a missing object, or the store still busy
+                head = self._location.fs.call_s3("head_object", Bucket=self._bucket, Key=self._key)
+                if str(head.get("ETag", "")).strip('"') == expected:
+                    return True
+            if time.monotonic() + pause > deadline:
+                return False
+            time.sleep(pause)
+            pause = min(2 * pause, 5.0)
 
     def _put_whole(self, data: memoryview) -> None:
         self._client_call("put_object", data)

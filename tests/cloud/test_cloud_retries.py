@@ -181,6 +181,50 @@ def fast_gcsfs_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gcsfs_retry, "asyncio", SimpleNamespace(sleep=short_sleep))
 
 
+COMPLETE = {"method": "POST", "path": "uploadId="}  # CompleteMultipartUpload (create: ?uploads)
+
+
+def test_a_lost_answer_to_complete_is_not_a_failed_save(proxied_s3: Proxied) -> None:
+    """The store completes the upload but its answer never arrives (cut off, or a read timeout
+    while a slow store assembles a large object). The object is published; the save must say so,
+    not report a failure and upload everything again into a new multipart upload."""
+    url = proxied_s3.store.url("last.ckpt")
+    _save_direct(proxied_s3, url, steps=1)
+    fault = proxied_s3.proxy.add(Fault("truncate", truncate_bytes=0, **COMPLETE))
+    # the client's repeat then meets the store still busy with the first (moto answers 500:
+    # "seek of closed file" while it assembles a large object), here every time
+    busy = proxied_s3.proxy.add(Fault("status", status=500, times=None, **COMPLETE))
+    state = make_state(WIDTH, steps=3)
+
+    Fabric().save(url, state, storage_options=proxied_s3.options)
+
+    assert fault.hits == 1  # the store got the request; the client got no answer
+    assert busy.hits >= 1  # and the client's own retry failed
+    assert proxied_s3.requests("POST", "?uploads") == 1  # one upload: nothing sent twice
+    assert proxied_s3.store.objects() == ["last.ckpt"]
+    assert proxied_s3.store.incomplete_uploads() == []
+    assert_states_equal(_load_direct(proxied_s3, url), state)
+
+
+def test_a_complete_that_keeps_failing_publishes_nothing(proxied_s3: Proxied) -> None:
+    """Every answer to complete is a 503 and nothing completes: the ETag check finds the previous
+    object, the save raises our error within the deadline, and the previous checkpoint stays."""
+    url = proxied_s3.store.url("last.ckpt")
+    previous = _save_direct(proxied_s3, url, steps=1)
+    expected = snapshot(previous["model"])
+    fault = proxied_s3.proxy.add(Fault("status", times=None, **COMPLETE))
+
+    with override(retry_deadline_s=4.0), pytest.raises(CheckpointWriteError) as info:
+        Fabric().save(url, make_state(WIDTH, steps=3), storage_options=proxied_s3.options)
+
+    assert str(info.value).startswith(f"{url}: writing failed after")
+    assert "503" in str(info.value)
+    assert fault.hits >= 1
+    assert proxied_s3.store.objects() == ["last.ckpt"]
+    assert proxied_s3.store.incomplete_uploads() == []
+    assert_states_equal(_load_direct(proxied_s3, url)["model"], expected)
+
+
 @pytest.mark.usefixtures("fast_gcsfs_retries")
 def test_lasting_fault_during_save_raises_and_keeps_the_previous(proxied: Proxied) -> None:
     url = proxied.store.url("last.ckpt")
