@@ -11,6 +11,8 @@ Loads restore in place into a live model and optimizer:
   ranged GET each on S3, read in ``chunk_bytes`` pieces), bound tensors spooled, then copied
   into their memory (see formats/torch_file.py, formats/ranges.py);
 - ``ours-64MiB``: the same with ``LWCKPT_CHUNK_BYTES`` = 64 MiB (larger pieces per stream);
+- ``ours-nospool``: the same with ``LWCKPT_SPOOL_DIR=none``: no local spool, so the bound
+  tensors are fetched twice (verified first, then read into their memory and checked again);
 - ``ours-old``: the path before ranged in-place loads: read the whole checkpoint into new
   tensors (verified), then copy them in (``TorchCheckpointIO.load_checkpoint`` +
   ``load_state_dict``);
@@ -57,7 +59,15 @@ if TYPE_CHECKING:
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MB = 10**6
 SEED = 1234
-LOADS = ("ours", "ours-64MiB", "ours-old", "cat+torch.load", "lightning", "cat (bytes)")
+LOADS = (
+    "ours",
+    "ours-64MiB",
+    "ours-nospool",
+    "ours-old",
+    "cat+torch.load",
+    "lightning",
+    "cat (bytes)",
+)
 SAVES = ("ours", "open+torch.save", "pipe+torch.save", "lightning", "pipe (bytes)",
          "open+write (bytes)")  # fmt: skip
 # Plain transfers of the checkpoint's bytes alone: serialized before the clock starts (saves),
@@ -217,9 +227,13 @@ def _load_op(
         if lightning is not None:
             lightning.load(args.url, state)
             return
-        if args.contender in ("ours", "ours-64MiB"):
-            chunk = 64 * 2**20 if args.contender == "ours-64MiB" else None
-            with override(**({"chunk_bytes": chunk} if chunk else {})):
+        if args.contender in ("ours", "ours-64MiB", "ours-nospool"):
+            changes = {
+                "ours": {},
+                "ours-64MiB": {"chunk_bytes": 64 * 2**20},
+                "ours-nospool": {"spool_dir": "none"},
+            }[args.contender]
+            with override(**changes):
                 Fabric().load(args.url, state, storage_options=options)
             return
         if args.contender == "ours-old":
