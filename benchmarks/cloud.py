@@ -94,7 +94,7 @@ def build_state(size_mb: float) -> tuple[nn.Module, torch.optim.Optimizer]:
 
 def state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """Every parameter and AdamW moment, in a fixed order."""
-    out = list(model.parameters())
+    out: list[torch.Tensor] = list(model.parameters())
     for param in model.parameters():
         moments = optimizer.state[param]
         out += [moments["exp_avg"], moments["exp_avg_sq"]]
@@ -228,12 +228,12 @@ def _load_op(
             lightning.load(args.url, state)
             return
         if args.contender in ("ours", "ours-64MiB", "ours-nospool"):
-            changes = {
+            changes: dict[str, Any] = {
                 "ours": {},
                 "ours-64MiB": {"chunk_bytes": 64 * 2**20},
                 "ours-nospool": {"spool_dir": "none"},
-            }[args.contender]
-            with override(**changes):
+            }
+            with override(**changes[args.contender]):
                 Fabric().load(args.url, state, storage_options=options)
             return
         if args.contender == "ours-old":
