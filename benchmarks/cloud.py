@@ -138,10 +138,8 @@ def run_worker_op(args: argparse.Namespace) -> dict[str, Any]:
         if fs.info(path)["size"] != expected_size():
             raise SystemExit(f"{args.contender}: transferred size differs from the object's")
     else:
-        op = _save_op if args.op == "save" else _load_op
-        measurement, _ = harness.measure(
-            op(args, options, fs, path, model=model, optimizer=optimizer)
-        )
+        op = _contender_op(args, options, fs, path, model=model, optimizer=optimizer)
+        measurement, _ = harness.measure(op)
         if args.op == "load" and digest(model, optimizer) != expected:
             raise SystemExit(f"{args.contender}: the loaded state differs from the saved one")
     nbytes = sum(t.numel() * t.element_size() for t in state_tensors(model, optimizer))
@@ -176,7 +174,7 @@ def _bytes_transfer(
     return upload, lambda: len(payload)
 
 
-def _save_op(
+def _contender_op(
     args: argparse.Namespace,
     options: dict[str, Any],
     fs: Any,
@@ -185,7 +183,10 @@ def _save_op(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
 ) -> Callable[[], None]:
+    """The measured call of ``args.contender`` for ``args.op`` (save or in-place load)."""
     from lightweight_ckpt import Fabric
+    from lightweight_ckpt.config import override
+    from lightweight_ckpt.io import TorchCheckpointIO
 
     state = {"model": model, "optimizer": optimizer}
     checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
@@ -203,25 +204,6 @@ def _save_op(
             buffer = io.BytesIO()
             torch.save(checkpoint, buffer)
             fs.pipe_file(path, buffer.getvalue())
-
-    return save
-
-
-def _load_op(
-    args: argparse.Namespace,
-    options: dict[str, Any],
-    fs: Any,
-    path: str,
-    *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-) -> Callable[[], None]:
-    from lightweight_ckpt import Fabric
-    from lightweight_ckpt.config import override
-    from lightweight_ckpt.io import TorchCheckpointIO
-
-    state = {"model": model, "optimizer": optimizer}
-    lightning = _lightning_fabric(args.store, options) if args.contender == "lightning" else None
 
     def load() -> None:
         if lightning is not None:
@@ -243,7 +225,7 @@ def _load_op(
         model.load_state_dict(loaded["model"])
         optimizer.load_state_dict(loaded["optimizer"])
 
-    return load
+    return save if args.op == "save" else load
 
 
 def _lightning_fabric(store: str, options: dict[str, Any]) -> Any:
