@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -98,6 +99,32 @@ def test_ddp_example_saves_and_resumes(tmp_path: Path) -> None:
     assert "saved step 5" in second
 
 
+# Seen once in CI (2026-12-07): rank 0 had printed its last line and the checkpoint was committed,
+# but one torchrun launch was still running after 240 s (it passed 7 of 7 reruns, with and without
+# a CPU hog). The likely cause is torchrun's own exit barrier: an agent whose workers finished waits
+# there for the other agent for up to 300 s (``exit_barrier_timeout``, not settable from the
+# command line), and the other agent may already have left (the store-gone failure above). Such a
+# node is killed and judged, like the others, by what the run printed and wrote: the caller asserts
+# the save line and the commit, and the resume below checks the weights bitwise.
+NODE_TIMEOUT_S = 240
+
+
+def _finish_node(proc: subprocess.Popen[str]) -> str:
+    try:
+        out, _ = proc.communicate(timeout=NODE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        assert "Traceback" not in (out or ""), out  # a worker failed: not the exit barrier
+        logging.getLogger(__name__).warning(
+            "a torchrun agent was still running %d s after launch; killed", NODE_TIMEOUT_S
+        )
+        return out or ""
+    ok = proc.returncode == 0 or any(m in out for m in (TORCH_EXIT_ABORT, TORCHRUN_STORE_GONE))
+    assert ok, out
+    return out or ""
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_fsdp_example_two_nodes_then_resume_at_another_world_size(tmp_path: Path) -> None:
@@ -113,10 +140,10 @@ def test_fsdp_example_two_nodes_then_resume_at_another_world_size(tmp_path: Path
         _torchrun(script, "--dir", str(tmp_path), "--steps", "3", extra=rendezvous) for _ in "ab"
     ]
     try:
-        outputs = [_finish(node, TORCHRUN_STORE_GONE) for node in nodes]
+        outputs = [_finish_node(node) for node in nodes]
     finally:
         kill(*nodes)
-    assert any("saved step 3 at world size 4" in out for out in outputs)
+    assert any("saved step 3 at world size 4" in out for out in outputs), outputs
     assert min(os.listdir(tmp_path / "sharded")) == ".metadata"
     resumed = _finish(_torchrun("--standalone", script, "--dir", str(tmp_path), "--steps", "1"))
     assert "resumed step 3 (saved at world size 4) at world size 2" in resumed
