@@ -67,6 +67,7 @@ from lightweight_ckpt.formats.zip_records import (
     crc_of_map,
     crc_of_source,
     read_index,
+    require_extent,
 )
 from lightweight_ckpt.state import iter_tensors
 from lightweight_ckpt.storage import Source, SourceFile
@@ -99,12 +100,7 @@ def copy_from_map(source: Source, mapped: mmap.mmap, record: Record, target: tor
         for start in range(0, record.size, _COPY_WINDOW_BYTES):
             end = min(start + _COPY_WINDOW_BYTES, record.size)
             first, last = record.offset + start, record.offset + end
-            if source.current_size() < last:
-                raise CorruptCheckpointError(
-                    f"{source.url}: the file shrank while record {record.name!r} was read into "
-                    f"its tensor (now {source.current_size()} bytes): another writer truncated "
-                    "or rewrote it in place. Some tensors may hold partial data; load again."
-                )
+            require_extent(source, record, last)
             destination[start:end].copy_(whole[first:last])
             aligned = first - first % mmap.PAGESIZE
             mapped.madvise(mmap.MADV_DONTNEED, aligned, last - aligned)

@@ -161,6 +161,20 @@ def check_crc(url: str, record: Record, actual: int, entry: str | None = None) -
         )
 
 
+def require_extent(source: Source, record: Record, end: int) -> None:
+    """Raise unless the file still reaches ``end``: a mapped page past a new end is SIGBUS.
+
+    Raises:
+        CorruptCheckpointError: another writer truncated or rewrote the file in place.
+    """
+    if source.current_size() < end:
+        raise CorruptCheckpointError(
+            f"{source.url}: the file shrank to {source.current_size()} bytes while record "
+            f"{record.name!r} was read: another writer truncated or rewrote it in place. "
+            "Tensors already filled may hold partial data; load again once it is complete."
+        )
+
+
 def crc_of_map(source: Source, mapped: mmap.mmap, record: Record, release: bool) -> int:
     """CRC32 of a record of ``source`` read through its memory map, window by window.
 
@@ -177,12 +191,7 @@ def crc_of_map(source: Source, mapped: mmap.mmap, record: Record, release: bool)
     try:
         for start in range(record.offset, record.offset + record.size, _WINDOW_BYTES):
             end = min(start + _WINDOW_BYTES, record.offset + record.size)
-            if source.current_size() < end:
-                raise CorruptCheckpointError(
-                    f"{source.url}: the file shrank to {source.current_size()} bytes while "
-                    f"record {record.name!r} was read: another writer truncated or rewrote it "
-                    "in place. Load again once it is complete."
-                )
+            require_extent(source, record, end)
             value = crc32(view[start:end], value)
             if release:
                 aligned = start - start % mmap.PAGESIZE
