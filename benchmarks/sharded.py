@@ -11,6 +11,13 @@ memory (``torch.cuda.max_memory_allocated`` over the baseline). Contenders are i
 within a round; the table shows the median time over the rounds, as a ratio to
 ``torch.distributed.checkpoint`` called directly.
 
+With ``--store s3`` or ``--store gs`` the checkpoints go to an object store instead of a local
+folder: the test suite's local server (moto or fake-gcs-server on 127.0.0.1, benchmarks/stores.py)
+runs for the whole run, every (round, contender) saves under a fresh prefix of one bucket and
+its load reads that prefix back. There ``dcp`` is DCP's fsspec writer and reader, and a contender
+that treats the URL as a local path (Lightning does) runs in a scratch working directory and is
+recorded with what it did in place of a time, like any contender whose save or load fails.
+
 Run ``python benchmarks/sharded.py --help``; see ``benchmarks/README.md``.
 """
 
@@ -23,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -31,6 +39,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import harness
+import stores
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve()
@@ -42,6 +51,8 @@ DEFAULT_SIZE_MB = 400.0
 N_LAYERS = 8
 DIM_STEP = 64  # d is a multiple of this (so it divides evenly over the ranks)
 COLLECTIVE_TIMEOUT_S = 300
+# Where a checkpoint goes: a local directory, or a URL (``s3://bucket/prefix``) with --store
+Target = Path | str
 
 # --------------------------------------------------------------------------------------------
 # The training state
@@ -175,6 +186,8 @@ class Contender:
     description: ClassVar[str]
     verify_s = 0.0  # time spent verifying checksums inside the timed load (ours only)
     device = "cpu"  # where the state lives: "cpu" or "cuda" (set by the rank worker)
+    # fsspec options of the object store when the target is a URL (set by the rank worker)
+    storage_options: dict[str, Any] | None = None
 
     def unavailable(self) -> str | None:
         """Why this contender cannot run here (checked by the orchestrator), or ``None``."""
@@ -183,11 +196,11 @@ class Contender:
     def setup(self) -> None:
         """Import and construct what the ops need (in each rank, outside the timed region)."""
 
-    def save(self, path: Path, model: Any, opt: Any) -> None:
-        """Write this rank's part of the state under the directory ``path``."""
+    def save(self, path: Target, model: Any, opt: Any) -> None:
+        """Write this rank's part of the state under ``path`` (a local directory or a URL)."""
         raise NotImplementedError
 
-    def load(self, path: Path, model: Any, opt: Any) -> int | None:
+    def load(self, path: Target, model: Any, opt: Any) -> int | None:
         """Restore the state in place; return the loaded ``step``."""
         raise NotImplementedError
 
@@ -236,14 +249,18 @@ class LightweightCkpt(Contender):
         # the reader looks it up at call time; timing it adds two clock reads per load
         dcp_checksums.verify_items = timed_verify  # type: ignore[assignment]
 
-    def save(self, path: Path, model: Any, opt: Any) -> None:
-        """Save model, optimizer and step."""
-        self.fabric.save(path, {"model": model, "optimizer": opt, "step": SAVED_STEP})
+    def save(self, path: Target, model: Any, opt: Any) -> None:
+        """Save model, optimizer and step (to a URL: with the store's ``storage_options``)."""
+        self.fabric.save(
+            path,
+            {"model": model, "optimizer": opt, "step": SAVED_STEP},
+            storage_options=self.storage_options,
+        )
 
-    def load(self, path: Path, model: Any, opt: Any) -> int | None:
+    def load(self, path: Target, model: Any, opt: Any) -> int | None:
         """Load in place; ``step`` comes back in the state dict."""
         state: dict[str, Any] = {"model": model, "optimizer": opt, "step": 0}
-        returned = self.fabric.load(path, state)
+        returned = self.fabric.load(path, state, storage_options=self.storage_options)
         return _step_after_load(state, returned)
 
     def settle(self) -> None:
@@ -257,28 +274,42 @@ class Dcp(Contender):
     name = "dcp"
     description = (
         "get_state_dict -> dcp.save(storage_writer=FileSystemWriter(dir, sync_files=True)); "
-        "get_state_dict -> dcp.load(FileSystemReader(dir)) (in place) -> set_state_dict"
+        "get_state_dict -> dcp.load(FileSystemReader(dir)) (in place) -> set_state_dict; "
+        "on a store: FsspecWriter(url, sync_files=False, **storage_options) / "
+        "FsspecReader(url, **storage_options)"
     )
 
-    def save(self, path: Path, model: Any, opt: Any) -> None:
+    def save(self, path: Target, model: Any, opt: Any) -> None:
         """Save the sharded model and optimizer state dicts plus the step into a directory."""
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
         from torch.distributed.checkpoint.filesystem import FileSystemWriter
         from torch.distributed.checkpoint.state_dict import get_state_dict
         from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
         model_sd, optim_sd = get_state_dict(model, opt)
         state = {"model": model_sd, "optimizer": optim_sd, "step": SAVED_STEP}
-        dcp_save(state, storage_writer=FileSystemWriter(path, sync_files=True))
+        if isinstance(path, Path):
+            writer: Any = FileSystemWriter(path, sync_files=True)
+        else:
+            # sync_files=False: an object-store file has no fileno(), so DCP's default would
+            # call os.sync() (the whole machine's page cache) after every file it uploads
+            writer = FsspecWriter(path, sync_files=False, **(self.storage_options or {}))
+        dcp_save(state, storage_writer=writer)
 
-    def load(self, path: Path, model: Any, opt: Any) -> int | None:
+    def load(self, path: Target, model: Any, opt: Any) -> int | None:
         """Load into the live shards, then apply with ``set_state_dict``."""
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
         from torch.distributed.checkpoint.filesystem import FileSystemReader
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
         from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
         model_sd, optim_sd = get_state_dict(model, opt)
         state: dict[str, Any] = {"model": model_sd, "optimizer": optim_sd, "step": 0}
-        dcp_load(state, storage_reader=FileSystemReader(path))
+        if isinstance(path, Path):
+            reader: Any = FileSystemReader(path)
+        else:
+            reader = FsspecReader(path, **(self.storage_options or {}))
+        dcp_load(state, storage_reader=reader)
         set_state_dict(
             model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
         )
@@ -360,11 +391,15 @@ class LightningModelParallel(Contender):
         )
         self.fabric.launch()  # joins the existing process group
 
-    def save(self, path: Path, model: Any, opt: Any) -> None:
-        """Save model, optimizer and step (a DCP directory plus ``meta.pt`` from rank 0)."""
+    def save(self, path: Target, model: Any, opt: Any) -> None:
+        """Save model, optimizer and step (a DCP directory plus ``meta.pt`` from rank 0).
+
+        Lightning takes no storage options here and turns a URL into ``Path(url)``: a local
+        folder ``s3:/bucket/...`` in the working directory (see ``_check_stored``).
+        """
         self.fabric.save(path, {"model": model, "optimizer": opt, "step": SAVED_STEP})
 
-    def load(self, path: Path, model: Any, opt: Any) -> int | None:
+    def load(self, path: Target, model: Any, opt: Any) -> int | None:
         """Load in place; ``step`` comes back in the state dict."""
         state: dict[str, Any] = {"model": model, "optimizer": opt, "step": 0}
         returned = self.fabric.load(path, state)
@@ -423,10 +458,18 @@ def _fsync_present(path: Path) -> None:
     harness.fsync_path(path.parent)
 
 
+def _make_durable(path: Target) -> None:
+    """Rank 0, after a save: fsync a local directory; an upload is durable once it returns."""
+    if isinstance(path, Path):
+        _fsync_present(path)
+
+
 def _timed_save(
-    contender: Contender, path: Path, model: Any, opt: Any, overwrite: bool = False
+    contender: Contender, path: Target, model: Any, opt: Any, overwrite: bool = False
 ) -> dict[str, Any]:
     """Save on every rank, then fsync the whole directory on rank 0; all of it is timed.
+
+    To a URL there is nothing to fsync: the save's uploads have completed when it returns.
 
     With ``overwrite``, two untimed saves of the same state to ``path`` come first, so the timed
     save replaces a checkpoint that itself replaced one: a training run's steady state, from its
@@ -439,7 +482,7 @@ def _timed_save(
         contender.save(path, model, opt)
         dist.barrier()
         if dist.get_rank() == 0:
-            _fsync_present(path)
+            _make_durable(path)
         contender.settle()
         dist.barrier()
 
@@ -447,19 +490,24 @@ def _timed_save(
         contender.save(path, model, opt)
         dist.barrier()
         if dist.get_rank() == 0:  # make every file durable, for every contender alike
-            _fsync_present(path)
+            _make_durable(path)
         dist.barrier()
 
     return _measure(op, contender.device)[0]
 
 
-def _timed_load(contender: Contender, path: Path, model: Any, opt: Any) -> dict[str, Any]:
-    """Perturb the state, load it in place (timed), then check it against the saved digest."""
+def _timed_load(
+    contender: Contender, path: Target, expected_file: Path, model: Any, opt: Any
+) -> dict[str, Any]:
+    """Perturb the state, load it in place (timed), then check it against the saved digest.
+
+    ``expected_file``: the digest the save group left (rank 0 reads it).
+    """
     import torch.distributed as dist
 
     expected = None
     if dist.get_rank() == 0:
-        expected = json.loads(_expected_path(path).read_text(encoding="utf-8"))
+        expected = json.loads(expected_file.read_text(encoding="utf-8"))
     perturb(model, opt)
 
     def op() -> int | None:
@@ -476,6 +524,42 @@ def _timed_load(contender: Contender, path: Path, model: Any, opt: Any) -> dict[
     if verdict[0] is not None:  # every rank fails, naming the mismatch
         raise AssertionError(f"{contender.name} load did not restore the state: {verdict[0]}")
     return measured
+
+
+def _stored_files(path: Target, options: dict[str, Any] | None) -> dict[str, Any]:
+    """Rank 0, after a save: the bytes and files (objects) the checkpoint takes."""
+    if isinstance(path, Path):
+        return {"file_bytes": harness.path_size(path), "files": len(list(harness.iter_files(path)))}
+    size, count = stores.stored_size(path, options or {})
+    return {"file_bytes": size, "files": count}
+
+
+def _local_litter() -> str:
+    """What a save left in this rank's scratch working directory (a URL taken as a path)."""
+    found = [p for p in Path.cwd().rglob("*") if p.is_file()]
+    if not found:
+        return "and wrote nothing locally either"
+    size = sum(p.stat().st_size for p in found)
+    top = sorted({p.relative_to(Path.cwd()).parts[0] for p in found})
+    return (
+        f"it wrote {len(found)} local files ({size / MB:.1f} MB) under {top} in its working "
+        "directory instead (the URL taken as a local path)"
+    )
+
+
+def _check_stored(contender: Contender, path: Target, stored: dict[str, Any] | None) -> None:
+    """Every rank fails, naming what happened, if a save to a URL left nothing in the store.
+
+    ``stored``: rank 0's ``_stored_files``; ``None`` on the other ranks.
+    """
+    import torch.distributed as dist
+
+    verdict: list[str | None] = [None]
+    if stored is not None and not isinstance(path, Path) and not stored["files"]:
+        verdict = [f"{contender.name} save put nothing under {path}: {_local_litter()}"]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise RuntimeError(verdict[0])
 
 
 def _measure(op: Any, device: str) -> tuple[dict[str, Any], Any]:
@@ -512,6 +596,13 @@ def _stage(message: str) -> None:
     print(f"{datetime.datetime.now():%H:%M:%S.%f} {message}", file=sys.stderr, flush=True)
 
 
+def _enter_scratch(path: Path) -> None:
+    """Work in ``path`` (a fresh local folder), so a contender that writes a URL as a relative
+    local path leaves it there for the orchestrator to remove, not in the repository."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chdir(path)
+
+
 def _import_dcp() -> None:
     """Import DCP's modules before the baseline, for every contender alike.
 
@@ -523,6 +614,27 @@ def _import_dcp() -> None:
     import torch.distributed.checkpoint.state_dict
     import torch.distributed.checkpoint.state_dict_loader
     import torch.distributed.checkpoint.state_dict_saver  # noqa: F401
+
+
+def _save_op(
+    contender: Contender, target: Target, local: Path, model: Any, opt: Any, *, overwrite: bool
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The timed save; rank 0 then records the saved digest and what the checkpoint takes.
+
+    Returns this rank's measurement and, on rank 0, ``{"file_bytes", "files"}``.
+    """
+    import torch.distributed as dist
+
+    measurement = _timed_save(contender, target, model, opt, overwrite=overwrite)
+    _stage(f"saved in {measurement['seconds']:.2f} s")
+    contender.settle()
+    digest = full_digest(model, opt)  # the saved state, gathered (the save changed none)
+    stored = None
+    if dist.get_rank() == 0:
+        stored = _stored_files(target, contender.storage_options)
+        _expected_path(local).write_text(json.dumps(digest), encoding="utf-8")
+    _check_stored(contender, target, stored)
+    return measurement, stored
 
 
 def rank_worker(args: argparse.Namespace) -> None:
@@ -540,26 +652,28 @@ def rank_worker(args: argparse.Namespace) -> None:
     try:
         rank = dist.get_rank()
         cfg = config_for_size(args.size_mb)
-        path: Path = args.path
+        local: Path = args.path.resolve()  # the checkpoint, or with --url the scratch folder
+        target: Target = local
         _stage(f"{args.contender} {args.op}: process group up")
         _import_dcp()
         contender = CONTENDERS[args.contender]()
         contender.device = args.device
+        if args.url:
+            target = args.url
+            contender.storage_options = stores.options_for(args.store, args.endpoint)
+            stores.import_client(args.store)
+            _enter_scratch(local)
         contender.setup()
         model, opt = build_state(cfg, args.device)
         _stage("state built")
         result: dict[str, Any] = {"contender": args.contender, "op": args.op}
         if args.op == "save":
-            measurement = _timed_save(contender, path, model, opt, overwrite=args.overwrite)
-            _stage(f"saved in {measurement['seconds']:.2f} s")
-            contender.settle()
-            digest = full_digest(model, opt)  # the saved state, gathered (the save changed none)
-            if rank == 0:
-                result["file_bytes"] = harness.path_size(path)
-                result["files"] = sum(1 for _ in harness.iter_files(path))
-                _expected_path(path).write_text(json.dumps(digest), encoding="utf-8")
+            measurement, stored = _save_op(
+                contender, target, local, model, opt, overwrite=args.overwrite
+            )
+            result.update(stored or {})
         else:
-            measurement = _timed_load(contender, path, model, opt)
+            measurement = _timed_load(contender, target, _expected_path(local), model, opt)
             measurement["verify_seconds"] = contender.verify_s
             _stage(f"loaded in {measurement['seconds']:.2f} s and verified")
             result["verified"] = True
@@ -623,7 +737,11 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _launch_args(name: str, op: str, path: Path, args: argparse.Namespace) -> list[str]:
+def _launch_args(
+    name: str, op: str, path: Path, args: argparse.Namespace, where: tuple[str, str] | None = None
+) -> list[str]:
+    """The rank workers' arguments; ``where``: ``(url, endpoint)`` when saving to a store."""
+    store = ["--store", args.store, "--url", where[0], "--endpoint", where[1]] if where else []
     return [
         "--launch",
         "--contender",
@@ -639,23 +757,67 @@ def _launch_args(name: str, op: str, path: Path, args: argparse.Namespace) -> li
         "--world-size",
         str(args.world_size),
         *(["--overwrite"] if args.overwrite else []),
+        *store,
     ]
 
 
+def _failure_reason(text: str) -> str:
+    """The exception a failed run ended with (the last ``...Error: ...`` line of its output)."""
+    lines = [re.sub(r"^\[rank\d+\]:\s*", "", line.strip()) for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    errors = [line for line in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception)\b", line)]
+    reason = (errors or lines or [text])[-1]
+    return reason[:300]
+
+
+def _run_op(
+    name: str, op: str, path: Path, args: argparse.Namespace, where: tuple[str, str] | None
+) -> dict[str, Any]:
+    """One (contender, op) in a fresh process group; on a store a failure becomes the result.
+
+    Locally any failure aborts the run, as does ours on a store; another contender's failure on
+    a store (DCP's fsspec writer, Lightning with a URL) is recorded as ``{"error": ...}``.
+    """
+    try:
+        return harness.run_worker(
+            SCRIPT, _launch_args(name, op, path, args, where), extra_pythonpath=[REPO_ROOT]
+        )
+    except harness.WorkerError as exc:
+        if where is None or name == LightweightCkpt.name:
+            raise
+        reason = _failure_reason(str(exc))
+        _log(f"{name} {op} failed on {args.store}: {reason}")
+        return {"contender": name, "op": op, "error": reason}
+
+
 def run_round(
-    rnd: int, names: list[str], data_dir: Path, args: argparse.Namespace
+    rnd: int,
+    names: list[str],
+    data_dir: Path,
+    args: argparse.Namespace,
+    bucket: stores.Bucket | None = None,
 ) -> list[dict[str, Any]]:
-    """One round: every contender (order rotated per round) saves, then loads its own directory."""
+    """One round: every contender (order rotated per round) saves, then loads its own checkpoint.
+
+    With ``bucket``, each contender's checkpoint is a fresh prefix there (``data_dir`` then only
+    holds the digest and the ranks' scratch working directory); it is deleted after the load.
+    """
     shift = (rnd - 1) % len(names)
     results: list[dict[str, Any]] = []
     for name in names[shift:] + names[:shift]:
         path = data_dir / f"{name}-r{rnd}"
+        where = (bucket.fresh_url(f"{name}-r{rnd}"), bucket.endpoint) if bucket else None
         try:
             for op in ("save", "load"):
-                res = harness.run_worker(
-                    SCRIPT, _launch_args(name, op, path, args), extra_pythonpath=[REPO_ROOT]
-                )
-                results.append({**res, "round": rnd})
+                res = {**_run_op(name, op, path, args, where), "round": rnd}
+                results.append(res)
+                if "error" in res:
+                    if op == "save":
+                        results.append(
+                            {"contender": name, "op": "load", "round": rnd,
+                             "error": "not run: the save failed"}
+                        )  # fmt: skip
+                    break
                 peak = max(r["peak_extra_rss"] for r in res["ranks"]) / harness.MIB
                 _log(
                     f"round {rnd} {name:>16} {op} {res['seconds']:7.2f}s  peak/rank {peak:6.0f} MiB"
@@ -663,16 +825,26 @@ def run_round(
         finally:
             harness.remove_path(path)
             harness.remove_path(_expected_path(path))
+            if bucket is not None and where is not None:
+                stores.remove_url(where[0], stores.options_for(bucket.store, bucket.endpoint))
     return results
 
 
 def summarize(results: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
-    """Median time and the worst per-rank peak memory per (contender, op); ratios to DCP."""
+    """Median time and the worst per-rank peak memory per (contender, op); ratios to DCP.
+
+    Failed runs (on a store) are left out; a (contender, op) that never succeeded gets a row
+    with its first error in place of figures.
+    """
     rows: list[dict[str, Any]] = []
     for name in names:
         for op in ("save", "load"):
-            runs = [r for r in results if r["contender"] == name and r["op"] == op]
+            tried = [r for r in results if r["contender"] == name and r["op"] == op]
+            runs = [r for r in tried if "error" not in r]
+            failed = [r for r in tried if "error" in r]
             if not runs:
+                if failed:
+                    rows.append({"contender": name, "op": op, "error": failed[0]["error"]})
                 continue
             secs = [r["seconds"] for r in runs]
             verify = [max(rank.get("verify_seconds", 0.0) for rank in r["ranks"]) for r in runs]
@@ -696,11 +868,17 @@ def summarize(results: list[dict[str, Any]], names: list[str]) -> list[dict[str,
                     "peak_extra_anon": max(rank["peak_extra_anon"] for rank in ranks),
                     "peak_extra_gpu": max(rank.get("peak_extra_gpu", 0) for rank in ranks),
                     "trimmed_extra_rss": max(rank["trimmed_extra_rss"] for rank in ranks),
+                    "failed_rounds": len(failed),
                 }
             )
     for row in rows:
-        base = [r for r in rows if r["contender"] == BASELINE and r["op"] == row["op"]]
-        row["ratio"] = row["median_s"] / base[0]["median_s"] if base else None
+        base = [
+            r
+            for r in rows
+            if r["contender"] == BASELINE and r["op"] == row["op"] and "error" not in r
+        ]
+        ok = base and "error" not in row
+        row["ratio"] = row["median_s"] / base[0]["median_s"] if ok else None
     return rows
 
 
@@ -718,7 +896,9 @@ def render_table(rows: list[dict[str, Any]]) -> str:
         "peak extra GPU MiB/rank",
     ]
     body = [
-        [
+        [r["contender"], r["op"], "failed (below)", *["-"] * (len(headers) - 3)]
+        if "error" in r
+        else [
             r["contender"],
             r["op"],
             f"{r['median_s']:.2f} ({r['min_s']:.2f}-{r['max_s']:.2f})",
@@ -732,6 +912,18 @@ def render_table(rows: list[dict[str, Any]]) -> str:
         for r in rows
     ]
     return harness.markdown_table(headers, body)
+
+
+def _where(bucket: stores.Bucket) -> str:
+    """The header's line about the store: server, client library, how prefixes are used."""
+    from importlib import metadata
+
+    client = "s3fs" if bucket.store == "s3" else "gcsfs"
+    return (
+        f"store: {bucket.store} ({stores.SERVERS[bucket.store]} on {bucket.endpoint}, "
+        f"{client} {metadata.version(client)}); bucket {bucket.name}, a fresh prefix per round "
+        "and contender"
+    )
 
 
 def orchestrate(args: argparse.Namespace) -> int:
@@ -748,7 +940,10 @@ def orchestrate(args: argparse.Namespace) -> int:
     if args.device == "cuda" and torch.cuda.device_count() < world:
         _log(f"--device cuda needs {world} GPUs (one per rank); {torch.cuda.device_count()} here")
         return 2
-    with harness.scratch_dir(args.dir, REPO_ROOT) as data_dir:
+    with harness.scratch_dir(args.dir, REPO_ROOT) as data_dir, contextlib.ExitStack() as stack:
+        bucket = None
+        if args.store != "local":
+            bucket = stack.enter_context(stores.serving(args.store, data_dir))
         info = harness.machine_info(data_dir)
         state = cfg.state_bytes()
         mode = "; each timed save overwrites a checkpoint" if args.overwrite else ""
@@ -758,17 +953,26 @@ def orchestrate(args: argparse.Namespace) -> int:
             f"({state / harness.MIB:.0f} MiB), ~{state / world / harness.MIB:.0f} MiB per "
             f"rank; rounds: {args.rounds}{mode}"
             f"\nmachine: {info['cpu']}, {info['cores']} cores, {info['mem_gib']} GiB; "
-            f"torch {torch.__version__}; dir: {data_dir} on {info['filesystem']}"
+            f"torch {torch.__version__}; "
+            + (f"dir: {data_dir} on {info['filesystem']}" if bucket is None else _where(bucket))
         )
         _log(header)
         results: list[dict[str, Any]] = []
         for rnd in range(1, args.rounds + 1):
-            results.extend(run_round(rnd, names, data_dir, args))
+            results.extend(run_round(rnd, names, data_dir, args, bucket))
     rows = summarize(results, names)
     print(header.replace("\n", "  \n") + "\n")
     print(render_table(rows))
     for row in rows:
-        if row["op"] == "load" and row["median_verify_s"]:
+        if "error" in row:
+            print(f"\nFailed on {args.store}: `{row['contender']}` {row['op']}: {row['error']}")
+        elif row.get("failed_rounds"):
+            print(
+                f"\n`{row['contender']}` {row['op']}: failed in {row['failed_rounds']} round(s) "
+                "(left out of its figures)"
+            )
+    for row in rows:
+        if row["op"] == "load" and row.get("median_verify_s"):
             share = row["median_verify_s"] / row["median_s"]
             print(
                 f"\n`{row['contender']}` load: checksum verification {row['median_verify_s']:.3f} s"
@@ -782,6 +986,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         payload = {
             "config": asdict(cfg),
             "world_size": world,
+            "store": args.store,
             "machine": info,
             "summary": rows,
             "runs": results,
@@ -829,6 +1034,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=WORLD_SIZE,
         help=f"ranks (default {WORLD_SIZE}); with --device cuda at most the GPU count",
     )
+    p.add_argument(
+        "--store",
+        choices=("local", *stores.STORES),
+        default="local",
+        help="local: checkpoints in --dir (default); s3 / gs: in a bucket on the test suite's "
+        "local moto / fake-gcs-server, started once for the run",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write raw results here")
     internal = p.add_argument_group("internal")
     internal.add_argument("--launch", action="store_true", help=argparse.SUPPRESS)
@@ -837,6 +1049,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     internal.add_argument("--op", choices=("save", "load"), help=argparse.SUPPRESS)
     internal.add_argument("--path", type=Path, help=argparse.SUPPRESS)
     internal.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    internal.add_argument("--url", help=argparse.SUPPRESS)
+    internal.add_argument("--endpoint", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
