@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 import harness
 import torch
+from stores import options_for
 from torch import nn
 
 if TYPE_CHECKING:
@@ -107,15 +108,6 @@ def digest(model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
     for tensor in state_tensors(model, optimizer):
         sha.update(tensor.detach().numpy().tobytes())
     return sha.hexdigest()
-
-
-def options_for(store: str, endpoint: str) -> dict[str, Any]:
-    """fsspec options for the local server of ``store``."""
-    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-    sys.path.insert(0, str(REPO_ROOT))
-    from tests.helpers.servers import gcs_storage_options, s3_storage_options
-
-    return s3_storage_options(endpoint) if store == "s3" else gcs_storage_options(endpoint)
 
 
 def run_worker_op(args: argparse.Namespace) -> dict[str, Any]:
@@ -262,7 +254,9 @@ def run_store(store: str, args: argparse.Namespace, log_dir: Path) -> list[dict[
         options = options_for(store, server.endpoint)
         bucket = create_bucket(fsspec.filesystem(store, **options), store)
         common = {"store": store, "endpoint": server.endpoint}
-        if "save" not in args.ops.split(","):  # the loads read what ``ours`` saves: save it once
+        ops, picked = args.ops.split(","), args.contenders.split(",")
+        saves_ours = "save" in ops and (not args.contenders or "ours" in picked)
+        if "load" in ops and not saves_ours:  # the loads read what ``ours`` saves: save it once
             print(f"[{store}] setup: save ours (not measured)", file=sys.stderr)
             harness.run_worker(
                 Path(__file__),
@@ -272,10 +266,11 @@ def run_store(store: str, args: argparse.Namespace, log_dir: Path) -> list[dict[
                 extra_pythonpath=[REPO_ROOT],
             )
         for op, names in (("save", SAVES), ("load", LOADS)):
-            if op not in args.ops.split(","):
+            if op not in ops:
                 continue
-            for name in names:
-                for rnd in range(args.rounds):
+            chosen = [n for n in names if not args.contenders or n in picked]
+            for rnd in range(args.rounds):  # contenders interleaved, so drift hits them alike
+                for name in chosen:
                     url = f"{store}://{bucket}/{'ours' if op == 'load' else name}.ckpt"
                     print(f"[{store}] round {rnd + 1}: {op} {name}", file=sys.stderr)
                     try:
@@ -323,7 +318,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[list[object]]:
             continue
         state = runs[0]["state_bytes"]
         peak = max(r["peak_extra_rss"] for r in runs)
-        base = medians[(store, op, "cat+torch.load" if op == "load" else "pipe+torch.save")]
+        base = medians.get((store, op, "cat+torch.load" if op == "load" else "pipe+torch.save"))
         transfers = [medians[(store, op, n)] for n in BYTES_ONLY if (store, op, n) in medians]
         table.append(
             [
@@ -332,7 +327,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[list[object]]:
                 name,
                 f"{medians[key]:.2f}",
                 f"{state / MB / medians[key]:.0f}",
-                f"{medians[key] / base:.2f}",
+                f"{medians[key] / base:.2f}" if base else "",
                 f"{medians[key] / min(transfers):.2f}" if transfers else "",
                 f"{peak / harness.MIB:.0f}",
                 f"{100 * peak / state:.0f}%",
@@ -378,6 +373,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=1, help="rounds per contender (median shown)")
     p.add_argument("--stores", default="s3,gs", help="comma list of s3, gs")
     p.add_argument("--ops", default="save,load", help="comma list of save, load")
+    p.add_argument(
+        "--contenders",
+        default="",
+        help=f"comma list (default all); saves: {', '.join(SAVES)}; loads: {', '.join(LOADS)}",
+    )
     p.add_argument("--dir", type=Path, default=None, help="scratch dir for server logs")
     p.add_argument("--json", type=Path, default=None, help="also write raw results here")
     worker = p.add_argument_group("worker (internal)")
