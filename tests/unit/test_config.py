@@ -1,0 +1,44 @@
+"""The tunables read from the environment (lightweight_ckpt.config)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lightweight_ckpt import config
+
+
+@pytest.mark.parametrize(
+    ("local_world_size", "expected"),
+    [(None, 4), ("1", 4), ("2", 2), ("4", 2), ("8", 2), ("not-a-number", 4)],
+)
+def test_parts_in_flight_default_is_shared_among_a_nodes_ranks(
+    monkeypatch: pytest.MonkeyPatch, local_world_size: str | None, expected: int
+) -> None:
+    monkeypatch.delenv("LWCKPT_PARTS_IN_FLIGHT", raising=False)
+    if local_world_size is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
+    assert config._from_env().parts_in_flight == expected
+
+
+def test_parts_in_flight_set_explicitly_is_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setenv("LWCKPT_PARTS_IN_FLIGHT", "6")
+    assert config._from_env().parts_in_flight == 6
+    monkeypatch.setenv("LWCKPT_PARTS_IN_FLIGHT", "0")
+    assert config._from_env().parts_in_flight == 1
+
+
+def test_a_bad_choice_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LWCKPT_PROGRESS", "sometimes")
+    with pytest.raises(ValueError, match=r"LWCKPT_PROGRESS='sometimes'.*auto, on, off"):
+        config._from_env()
+
+
+def test_override_applies_inside_the_block_only() -> None:
+    before = config.settings().part_bytes
+    with config.override(part_bytes=before * 2) as inside:
+        assert inside.part_bytes == before * 2
+        assert config.settings().part_bytes == before * 2
+    assert config.settings().part_bytes == before
