@@ -19,10 +19,13 @@ RAM-backed filesystem (tmpfs) or where free space is short.
 
 ``LWCKPT_PART_BYTES``: the part size of S3 multipart saves and of GCS composite saves' components
 (default 8 MiB, at least S3's 5 MiB; it doubles every 1000 parts), ``LWCKPT_PARTS_IN_FLIGHT``
-parts uploading at once per process (default 4, shared out among the ranks of a node: ``max(2, 4
-// LOCAL_WORLD_SIZE)``, so that ranks saving their pieces at once neither multiply the node's
-upload memory nor compete for its cores and link). A save holds at most ``(parts_in_flight + 1) *
-part_bytes`` of the checkpoint in memory, on S3 and on GCS alike.
+parts uploading at once per process (default 4). A save holds at most ``(parts_in_flight + 1) *
+part_bytes`` of the checkpoint in memory, on S3 and on GCS alike. The pieces of a sharded save,
+which every rank of a node uploads at once, share the default 4 among the node's ranks
+(``piece_parts_in_flight``: ``max(2, 4 // LOCAL_WORLD_SIZE)``, ``LOCAL_WORLD_SIZE`` as torchrun
+sets it), so that ranks neither multiply the node's upload memory nor compete for its cores and
+link; a single file written by one rank (DDP, XLA) keeps all 4. ``LWCKPT_PARTS_IN_FLIGHT`` set
+explicitly applies to every upload of the process, pieces included.
 
 ``LWCKPT_IO_THREADS`` is also the number of streams (one ranged GET each on S3) a remote load
 reads its records with; each holds one ``chunk_bytes`` buffer.
@@ -64,6 +67,7 @@ class Settings:
     spool_dir: str = ""
     part_bytes: int = 8 << 20
     parts_in_flight: int = 4
+    piece_parts_in_flight: int = 4
     progress: str = "auto"
     reuse_pieces: bool = True
 
@@ -75,13 +79,13 @@ def _choice(name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def _default_parts_in_flight() -> int:
-    """4 parts per node, at least 2 per process (``LOCAL_WORLD_SIZE``: set by torchrun)."""
+def _node_share_of_parts(parts: int) -> int:
+    """``parts`` per node, at least 2 per process (``LOCAL_WORLD_SIZE``: set by torchrun)."""
     try:
         local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:
         local_ranks = 1
-    return max(2, 4 // local_ranks)
+    return max(2, parts // local_ranks)
 
 
 def _from_env() -> Settings:
@@ -96,8 +100,9 @@ def _from_env() -> Settings:
         request_timeout_s=max(0.1, float(os.environ.get("LWCKPT_REQUEST_TIMEOUT_S", "10"))),
         spool_dir=os.environ.get("LWCKPT_SPOOL_DIR", ""),
         part_bytes=max(5 << 20, int(os.environ.get("LWCKPT_PART_BYTES", str(8 << 20)))),
-        parts_in_flight=max(
-            1, int(os.environ.get("LWCKPT_PARTS_IN_FLIGHT", str(_default_parts_in_flight())))
+        parts_in_flight=max(1, int(os.environ.get("LWCKPT_PARTS_IN_FLIGHT", "4"))),
+        piece_parts_in_flight=max(
+            1, int(os.environ.get("LWCKPT_PARTS_IN_FLIGHT", str(_node_share_of_parts(4))))
         ),
         progress=_choice("LWCKPT_PROGRESS", ("auto", "on", "off")),
         reuse_pieces=_choice("LWCKPT_REUSE_PIECES", ("1", "0")) == "1",

@@ -89,8 +89,10 @@ def _fsync_dir(directory: str) -> None:
 
 
 @contextlib.contextmanager
-def staged_write(location: Location) -> Iterator[Sink]:
+def staged_write(location: Location, parts_in_flight: int | None = None) -> Iterator[Sink]:
     """Yield a binary sink for ``location``; commit atomically on clean exit, discard on error.
+
+    ``parts_in_flight``: S3/GCS parts uploading at once (default: ``settings().parts_in_flight``).
 
     Raises:
         CheckpointWriteError: the target is a directory, or writing/committing failed (a
@@ -102,7 +104,7 @@ def staged_write(location: Location) -> Iterator[Sink]:
         if location.is_local:
             writer = _staged_local(location)
         elif location.protocol in _DEFERRED_COMMIT_PROTOCOLS:
-            writer = _staged_deferred(location)
+            writer = _staged_deferred(location, parts_in_flight)
         else:
             writer = _staged_move(location)
         with writer as sink:
@@ -167,11 +169,12 @@ def _staged_local(location: Location) -> Iterator[Sink]:
 
 
 @contextlib.contextmanager
-def _staged_deferred(location: Location) -> Iterator[Sink]:
+def _staged_deferred(location: Location, parts_in_flight: int | None) -> Iterator[Sink]:
     tunables = settings()
     kind = S3PartWriter if location.protocol in _S3_PROTOCOLS else GCSComposeWriter
+    in_flight = tunables.parts_in_flight if parts_in_flight is None else parts_in_flight
     with transfer_bar(f"saving {location.url}") as advance:
-        writer = kind(location, tunables.part_bytes, tunables.parts_in_flight, advance)
+        writer = kind(location, tunables.part_bytes, in_flight, advance)
         try:
             yield writer
             writer.commit()

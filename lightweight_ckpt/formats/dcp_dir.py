@@ -52,6 +52,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
+from lightweight_ckpt.config import settings
 from lightweight_ckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -133,7 +134,8 @@ class _VersionedWriter(FsspecWriter):
         if self._remote:  # our staged uploads (parallel parts, aborted on failure), not fs.open
 
             def upload(target: str) -> contextlib.AbstractContextManager[Sink]:
-                return staged_write(inside(location, target))
+                # every rank of the node uploads its pieces now: share the parts in flight
+                return staged_write(inside(location, target), settings().piece_parts_in_flight)
 
         self.fs: Any = dcp_checksums.ChecksumRecorder(self.fs, reuse, upload)
 

@@ -103,7 +103,7 @@ def test_a_piece_uploads_as_parallel_parts_with_progress_and_loads_bitwise(
     monkeypatch.setattr(progress, "TRANSFER_DELAY_S", 0.0)
     url = proxied.store.url("run", "sharded")
 
-    with override(progress="on", part_bytes=PART_BYTES, parts_in_flight=3):
+    with override(progress="on", part_bytes=PART_BYTES, piece_parts_in_flight=3):
         expected = _save(url, seed=1, options=proxied.options)
 
     piece_bytes = 3 * WIDTH * WIDTH * 4  # the weight and its two moments, at least
@@ -126,10 +126,11 @@ def test_a_piece_upload_holds_a_few_parts_in_memory(store: Store) -> None:
     torch.manual_seed(0)
     model = torch.nn.Linear(3200, 3200, bias=False)  # 40.96 MB in one item
     shard_bytes = model.weight.numel() * 4
-    bound = (1 + 2) * PART_BYTES + 4 * MIB  # parts_in_flight 1: 19 MiB
+    bound = (1 + 2) * PART_BYTES + 4 * MIB  # piece_parts_in_flight 1: 19 MiB
     tracemalloc.start()
     try:
-        with override(part_bytes=PART_BYTES, parts_in_flight=1):
+        # pieces take piece_parts_in_flight; 4 for one-rank files would overshoot the bound
+        with override(part_bytes=PART_BYTES, parts_in_flight=4, piece_parts_in_flight=1):
             Fabric(strategy=FSDPStrategy()).save(
                 url, {"model": model}, storage_options=store.storage_options
             )
@@ -169,7 +170,9 @@ def test_an_error_mid_upload_keeps_the_previous_checkpoint(
 
     monkeypatch.setattr(kind, "_put_part", put_part)
     with (
-        override(part_bytes=PART_BYTES, parts_in_flight=1, retry_attempts=2, retry_backoff_s=0.01),
+        override(
+            part_bytes=PART_BYTES, piece_parts_in_flight=1, retry_attempts=2, retry_backoff_s=0.01
+        ),
         pytest.raises(CheckpointWriteError) as info,
     ):
         _save(url, seed=2, options=store.storage_options)
@@ -207,7 +210,7 @@ SAVER = textwrap.dedent(
     S3PartWriter._upload_part = upload_part
     GCSComposeWriter._upload_part = upload_part
     model = torch.nn.Linear(2048, 2048, bias=False)  # 16 MiB: four parts
-    with override(part_bytes=5 * 2**20, parts_in_flight=1):
+    with override(part_bytes=5 * 2**20, piece_parts_in_flight=1):
         Fabric(strategy=FSDPStrategy()).save(url, {"model": model}, storage_options=options)
     print("saved", flush=True)
     """

@@ -11,7 +11,7 @@ from lightweight_ckpt import config
     ("local_world_size", "expected"),
     [(None, 4), ("1", 4), ("2", 2), ("4", 2), ("8", 2), ("not-a-number", 4)],
 )
-def test_parts_in_flight_default_is_shared_among_a_nodes_ranks(
+def test_sharded_pieces_share_the_parts_in_flight_among_a_nodes_ranks(
     monkeypatch: pytest.MonkeyPatch, local_world_size: str | None, expected: int
 ) -> None:
     monkeypatch.delenv("LWCKPT_PARTS_IN_FLIGHT", raising=False)
@@ -19,13 +19,16 @@ def test_parts_in_flight_default_is_shared_among_a_nodes_ranks(
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     else:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
-    assert config._from_env().parts_in_flight == expected
+    tunables = config._from_env()
+    assert tunables.piece_parts_in_flight == expected
+    assert tunables.parts_in_flight == 4  # one rank writing one file (DDP, XLA) keeps them all
 
 
 def test_parts_in_flight_set_explicitly_is_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     monkeypatch.setenv("LWCKPT_PARTS_IN_FLIGHT", "6")
-    assert config._from_env().parts_in_flight == 6
+    tunables = config._from_env()
+    assert (tunables.parts_in_flight, tunables.piece_parts_in_flight) == (6, 6)
     monkeypatch.setenv("LWCKPT_PARTS_IN_FLIGHT", "0")
     assert config._from_env().parts_in_flight == 1
 
