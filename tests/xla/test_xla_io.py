@@ -44,11 +44,15 @@ def test_stage_runs_one_graph_for_the_whole_checkpoint() -> None:
 
 
 def test_per_tensor_transfer_would_run_one_graph_each() -> None:
-    """The property above can fail: the naive way executes a graph per tensor."""
+    """The property above can fail: the naive way executes at least a graph per tensor.
+
+    At least, not exactly: torch_xla's counter sometimes takes one more execution here (5 for 4
+    tensors, seen once in CI), which still shows the per-tensor cost the batched path avoids.
+    """
     pending = _pending_tensors()
     before = _executions()
     _ = [t.cpu() for t in pending.values()]
-    assert _executions() - before == len(pending)
+    assert _executions() - before >= len(pending) > 1
 
 
 def test_file_loads_with_plain_torch_load_without_torch_xla(tmp_path) -> None:
