@@ -89,6 +89,7 @@ def _node_share_of_parts(parts: int) -> int:
 
 
 def _from_env() -> Settings:
+    parts = os.environ.get("LWCKPT_PARTS_IN_FLIGHT")  # set: per process, pieces included
     return Settings(
         io_threads=max(
             1, int(os.environ.get("LWCKPT_IO_THREADS", str(min(4, os.cpu_count() or 1))))
@@ -100,10 +101,8 @@ def _from_env() -> Settings:
         request_timeout_s=max(0.1, float(os.environ.get("LWCKPT_REQUEST_TIMEOUT_S", "10"))),
         spool_dir=os.environ.get("LWCKPT_SPOOL_DIR", ""),
         part_bytes=max(5 << 20, int(os.environ.get("LWCKPT_PART_BYTES", str(8 << 20)))),
-        parts_in_flight=max(1, int(os.environ.get("LWCKPT_PARTS_IN_FLIGHT", "4"))),
-        piece_parts_in_flight=max(
-            1, int(os.environ.get("LWCKPT_PARTS_IN_FLIGHT", str(_node_share_of_parts(4))))
-        ),
+        parts_in_flight=max(1, int(parts)) if parts else 4,
+        piece_parts_in_flight=max(1, int(parts)) if parts else _node_share_of_parts(4),
         progress=_choice("LWCKPT_PROGRESS", ("auto", "on", "off")),
         reuse_pieces=_choice("LWCKPT_REUSE_PIECES", ("1", "0")) == "1",
     )
