@@ -287,6 +287,21 @@ class LightweightCkpt(Contender):
         return _step_after_load(state, returned)
 
 
+class LightweightCkptNoWriteBehind(LightweightCkpt):
+    """Ours with ``write_behind_bytes=0``: the whole file is written back at the fsync."""
+
+    name = "lightweight_ckpt-no-wb"
+    description = "lightweight_ckpt with LWCKPT_WRITE_BEHIND_BYTES=0 (save: write, then fsync)"
+
+    def setup(self) -> None:
+        """Turn write-behind off for this worker process, then construct the Fabric object."""
+        from lightweight_ckpt import config
+
+        self._no_write_behind = config.override(write_behind_bytes=0)
+        self._no_write_behind.__enter__()
+        super().setup()
+
+
 class TorchSave(Contender):
     """Plain ``torch.save`` of the state dicts / ``torch.load(weights_only=True)``."""
 
@@ -459,6 +474,7 @@ CONTENDERS: dict[str, type[Contender]] = {
     c.name: c
     for c in (
         LightweightCkpt,
+        LightweightCkptNoWriteBehind,
         TorchSave,
         TorchLoadMmap,
         TorchLoadMmapRead,

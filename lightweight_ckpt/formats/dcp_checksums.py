@@ -30,7 +30,7 @@ from fsspec.implementations.local import LocalFileSystem
 from lightweight_ckpt.errors import CorruptCheckpointError
 from lightweight_ckpt.formats.ranges import crc32_combine
 from lightweight_ckpt.formats.zip_records import Record, crc32, crc_of_map, crc_of_source
-from lightweight_ckpt.storage import Location, call_with_retries, open_source
+from lightweight_ckpt.storage import Location, WriteBehind, call_with_retries, open_source
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -68,6 +68,7 @@ class ChecksummedStream:
     def __init__(self, stream: Any) -> None:
         self._stream = stream
         self._position = 0
+        self._behind = WriteBehind(stream)  # a local piece starts reaching the disk as written
         self.chunks: list[tuple[int, int, int]] = []
         self.seeked = False  # then chunk offsets are unknown: the record re-reads the piece
 
@@ -80,6 +81,7 @@ class ChecksummedStream:
         count = len(view) if written is None else int(written)
         self.chunks.append((self._position, count, crc32(view[:count], 0)))
         self._position += count
+        self._behind.wrote_up_to(self._position)
         return count
 
     def seek(self, *args: Any) -> int:
