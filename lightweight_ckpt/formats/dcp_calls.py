@@ -4,15 +4,18 @@ DCP raises ``CheckpointException`` (a ``BaseException``) gathering every rank's 
 ``translate`` turns it into one ``CheckpointError`` naming the path (a store that failed for good
 is a read or write error, never damage), ``translated`` does the same for a failure of one of
 DCP's steps run here on one rank. DCP also warns on every call without a process group, which
-is a supported case here (``single_process_ok``).
+is a supported case here (``single_process_ok``). DCP stores each tensor item as a small
+``torch.save`` archive; while we write pieces, torch's own zip CRC32s are off
+(``without_torch_crc32``), since every item's CRC32 is kept in the piece's record anyway.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import traceback
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
@@ -42,6 +45,45 @@ def single_process_ok() -> Iterator[None]:
         # pieces go to a fresh version folder; overwriting is our own commit, by design
         warnings.filterwarnings("ignore", message="Detected an existing checkpoint in")
         yield
+
+
+_torch_serialization: Any
+try:
+    from torch.utils.serialization import config as _torch_serialization
+except ImportError:  # torch < 2.6: no switch
+    _torch_serialization = None
+_CRC_SWITCH = threading.Lock()
+_CRC_WRITERS = [0, True]  # our writes in progress; the setting to restore after the last one
+
+
+@contextlib.contextmanager
+def without_torch_crc32() -> Iterator[None]:
+    """Turn off the CRC32s ``torch.save`` computes while one of our sharded writes runs.
+
+    DCP writes every tensor item with ``torch.save``, whose zip writer computes each record's
+    CRC32 at a fraction of disk speed (about a fifth of a sharded save's time on CPU); the
+    pieces' records (``dcp_checksums``) keep ISA-L CRC32s of every item, which are what loads
+    check, and ``torch.load`` (stock DCP readers included) does not read torch's. The setting
+    is process-wide (``torch.utils.serialization.config``): it is switched off when the first
+    of our concurrent writes starts and the user's value is put back when the last one ends.
+    On torch without the setting (< 2.6) this does nothing.
+    """
+    config = _torch_serialization
+    if config is None:
+        yield
+        return
+    with _CRC_SWITCH:
+        if _CRC_WRITERS[0] == 0:
+            _CRC_WRITERS[1] = config.save.compute_crc32
+            config.save.compute_crc32 = False
+        _CRC_WRITERS[0] += 1
+    try:
+        yield
+    finally:
+        with _CRC_SWITCH:
+            _CRC_WRITERS[0] -= 1
+            if _CRC_WRITERS[0] == 0:
+                config.save.compute_crc32 = _CRC_WRITERS[1]
 
 
 def translate(url: str, err: CheckpointException, writing: bool) -> Exception:

@@ -59,7 +59,12 @@ from lightweight_ckpt.errors import (
     InvalidCheckpointError,
 )
 from lightweight_ckpt.formats import dcp_checksums, dcp_load, dcp_reader, dcp_staging, dcp_versions
-from lightweight_ckpt.formats.dcp_calls import distributed, single_process_ok, translate
+from lightweight_ckpt.formats.dcp_calls import (
+    distributed,
+    single_process_ok,
+    translate,
+    without_torch_crc32,
+)
 from lightweight_ckpt.storage import (
     Location,
     Sink,
@@ -206,7 +211,7 @@ def write(
     """Save this rank's piece of ``checkpoint`` (a collective: every rank calls it)."""
     writer = _VersionedWriter(location, version, storage_options)
     try:
-        with single_process_ok():
+        with single_process_ok(), without_torch_crc32():
             dcp_save(
                 checkpoint,
                 storage_writer=writer,
