@@ -287,19 +287,28 @@ class LightweightCkpt(Contender):
         return _step_after_load(state, returned)
 
 
-class LightweightCkptNoWriteBehind(LightweightCkpt):
-    """Ours with ``write_behind_bytes=0``: the whole file is written back at the fsync."""
+class LightweightCkptBuffered(LightweightCkpt):
+    """Ours writing through the page cache (``direct_io=False``), written behind."""
 
-    name = "lightweight_ckpt-no-wb"
-    description = "lightweight_ckpt with LWCKPT_WRITE_BEHIND_BYTES=0 (save: write, then fsync)"
+    name = "lightweight_ckpt-buffered"
+    description = "lightweight_ckpt with LWCKPT_DIRECT_IO=off (page cache, write-behind)"
+    changes: ClassVar[dict[str, Any]] = {"direct_io": False}
 
     def setup(self) -> None:
-        """Turn write-behind off for this worker process, then construct the Fabric object."""
+        """Change the tunables for this worker process, then construct the Fabric object."""
         from lightweight_ckpt import config
 
-        self._no_write_behind = config.override(write_behind_bytes=0)
-        self._no_write_behind.__enter__()
+        self._tunables = config.override(**self.changes)
+        self._tunables.__enter__()
         super().setup()
+
+
+class LightweightCkptNoWriteBehind(LightweightCkptBuffered):
+    """Ours through the page cache with ``write_behind_bytes=0``: all written back at fsync."""
+
+    name = "lightweight_ckpt-no-wb"
+    description = "lightweight_ckpt with LWCKPT_DIRECT_IO=off, LWCKPT_WRITE_BEHIND_BYTES=0"
+    changes: ClassVar[dict[str, Any]] = {"direct_io": False, "write_behind_bytes": 0}
 
 
 class TorchSave(Contender):
@@ -474,6 +483,7 @@ CONTENDERS: dict[str, type[Contender]] = {
     c.name: c
     for c in (
         LightweightCkpt,
+        LightweightCkptBuffered,
         LightweightCkptNoWriteBehind,
         TorchSave,
         TorchLoadMmap,
@@ -595,6 +605,8 @@ def run_round(
             for op in read_ops if "load" in contender.ops else []:
                 if args.cold_cache:
                     harness.drop_page_cache(path)
+                else:  # the same for everyone: a direct-I/O save leaves no page cache behind
+                    harness.warm_page_cache(path)
                 res = harness.run_worker(
                     SCRIPT, _worker_args(name, op, path, args, rnd), extra_pythonpath=[REPO_ROOT]
                 )

@@ -39,6 +39,11 @@ many bytes as soon as they are written (``sync_file_range``), so that the disk w
 tensors are still serialized and the final fsync finds little left to do (default 16 MiB; ``0``
 turns it off: everything is written back at the fsync).
 
+``LWCKPT_DIRECT_IO``: ``on`` (default) writes a local single-file save around the page cache
+(``O_DIRECT``, from one ``chunk_bytes`` aligned buffer) where the filesystem allows it, so a
+save allocates no page cache and evicts none of the caller's; ``off`` writes through the page
+cache, written behind as above (as do sharded pieces, and filesystems refusing ``O_DIRECT``).
+
 ``LWCKPT_REUSE_PIECES``: ``1`` (default) lets a sharded save on local disk overwrite the pieces of
 the version two saves back in place instead of allocating new files; ``0`` writes fresh files
 and removes each replaced version.
@@ -76,6 +81,7 @@ class Settings:
     progress: str = "auto"
     reuse_pieces: bool = True
     write_behind_bytes: int = 16 << 20
+    direct_io: bool = True
 
 
 def _choice(name: str, choices: tuple[str, ...]) -> str:
@@ -111,6 +117,7 @@ def _from_env() -> Settings:
         piece_parts_in_flight=max(1, int(parts)) if parts else _node_share_of_parts(4),
         progress=_choice("LWCKPT_PROGRESS", ("auto", "on", "off")),
         reuse_pieces=_choice("LWCKPT_REUSE_PIECES", ("1", "0")) == "1",
+        direct_io=_choice("LWCKPT_DIRECT_IO", ("on", "off")) == "on",
         write_behind_bytes=max(0, int(os.environ.get("LWCKPT_WRITE_BEHIND_BYTES", str(16 << 20)))),
     )
 

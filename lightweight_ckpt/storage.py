@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import io
 import mmap
 import os
@@ -157,6 +158,116 @@ class _WriteBehindFile(io.FileIO):
         return count
 
 
+_DIRECT_ALIGN = 4096  # offsets, lengths and buffer addresses of O_DIRECT writes
+
+
+class _DirectFile:
+    """A new local file written around the page cache (``O_DIRECT``) from one aligned buffer.
+
+    A buffered write copies every byte into page cache that must first be allocated (on some
+    machines the slowest part of a save) and then waits for all of it at the fsync. Here bytes
+    gather in a ``chunk_bytes`` buffer, page-aligned, and each full buffer goes to the disk in one
+    write; no page cache is taken, so a save does not evict the caller's cached data either.
+    ``flush`` writes the partial tail padded to the alignment and cuts the file to its true
+    length, keeping the tail buffered so later writes rewrite that block. Where the filesystem
+    refuses ``O_DIRECT`` (tmpfs, some FUSE mounts), at open or at a write, the file carries on
+    buffered, written behind (``WriteBehind``). The caller still fsyncs.
+    """
+
+    def __init__(self, path: str, chunk_bytes: int) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        try:
+            self._fd = os.open(path, flags | os.O_DIRECT, 0o666)
+            self._direct = True
+        except OSError as err:
+            if err.errno != errno.EINVAL:
+                raise
+            self._fd = os.open(path, flags, 0o666)
+            self._direct = False
+        self._behind = WriteBehind(self)
+        size = max(_DIRECT_ALIGN, chunk_bytes - chunk_bytes % _DIRECT_ALIGN)
+        self._buffer = mmap.mmap(-1, size)
+        self._view = memoryview(self._buffer)
+        self._filled = 0  # bytes in the buffer
+        self._offset = 0  # where the buffer's first byte goes in the file (aligned)
+
+    def fileno(self) -> int:
+        """The file descriptor (for fsync)."""
+        return self._fd
+
+    def tell(self) -> int:
+        """Return the number of bytes written so far."""
+        return self._offset + self._filled
+
+    def write(self, data: Any) -> int:
+        """Copy ``data`` into the buffer; write each buffer that fills up."""
+        source = memoryview(data).cast("B")
+        size = len(self._view)
+        position = 0
+        while position < len(source):
+            take = min(len(source) - position, size - self._filled)
+            self._view[self._filled : self._filled + take] = source[position : position + take]
+            self._filled += take
+            position += take
+            if self._filled == size:
+                self._write_out(size)
+                self._offset += size
+                self._filled = 0
+        return len(source)
+
+    def flush(self) -> None:
+        """Write the buffered tail (padded to the alignment) and cut the file to its length."""
+        if self._filled:
+            padded = -(-self._filled // _DIRECT_ALIGN) * _DIRECT_ALIGN
+            self._view[self._filled : padded] = bytes(padded - self._filled)
+            self._write_out(padded)
+        os.ftruncate(self._fd, self.tell())
+
+    def _write_out(self, length: int) -> None:
+        done = 0
+        while done < length:
+            done += self._pwrite(self._view[done:length], self._offset + done)
+        self._behind.wrote_up_to(self._offset + length)
+
+    def _pwrite(self, view: memoryview, offset: int) -> int:
+        try:
+            return os.pwrite(self._fd, view, offset)
+        except OSError as err:
+            if err.errno != errno.EINVAL or not self._direct:
+                raise
+        self._go_buffered()  # the filesystem took the open but refuses the writes
+        return os.pwrite(self._fd, view, offset)
+
+    def _go_buffered(self) -> None:
+        import fcntl  # noqa: PLC0415 - POSIX only, like O_DIRECT itself
+
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self._direct = False
+
+    def close(self) -> None:
+        """Close the file and free the buffer."""
+        os.close(self._fd)
+        # a failed write's traceback may still hold a slice of the buffer: then the garbage
+        # collector frees it once that traceback is gone
+        with contextlib.suppress(BufferError):
+            self._view.release()
+            self._buffer.close()
+
+    def __enter__(self) -> _DirectFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _open_local(path: str) -> Any:
+    """A new local file to stage a checkpoint in: direct I/O where on and possible."""
+    tunables = settings()
+    if tunables.direct_io and hasattr(os, "O_DIRECT"):
+        return _DirectFile(path, tunables.chunk_bytes)
+    return io.BufferedWriter(_WriteBehindFile(path, "xb"), 1024 * 1024)
+
+
 @contextlib.contextmanager
 def staged_write(location: Location, parts_in_flight: int | None = None) -> Iterator[Sink]:
     """Yield a binary sink for ``location``; commit atomically on clean exit, discard on error.
@@ -225,7 +336,7 @@ def _staged_local(location: Location) -> Iterator[Sink]:
     os.makedirs(parent or ".", exist_ok=True)
     temp = _sibling_temp(location)
     try:
-        with io.BufferedWriter(_WriteBehindFile(temp, "xb"), 1024 * 1024) as sink:
+        with _open_local(temp) as sink:
             yield sink
             sink.flush()
             os.fsync(sink.fileno())

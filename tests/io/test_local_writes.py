@@ -1,6 +1,8 @@
-"""What local saves spend their time on: write-behind, and no second CRC32 of sharded items.
+"""What local saves spend their time on: direct I/O, write-behind, no second CRC32 of items.
 
-Saves hand their bytes to the disk as they write them (``storage.WriteBehind``). The libc call
+A single-file save goes around the page cache (``storage._DirectFile``, ``O_DIRECT``) where the
+filesystem allows; elsewhere, and for sharded pieces, saves hand their bytes to the disk as they
+write them (``storage.WriteBehind``). The libc call
 is watched, not replaced: the spy records each ``sync_file_range`` request with the file's size
 at that moment and passes it on, so the saves below really run write-behind.
 
@@ -10,6 +12,8 @@ pieces' records hold ours, and the setting is the user's again afterwards.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import io
 import mmap
 import os
@@ -84,7 +88,7 @@ def test_a_single_file_save_starts_writeback_step_by_step(
 ) -> None:
     path = tmp_path / "big.ckpt"
     state = big_state(24)
-    with config.override(write_behind_bytes=STEP):
+    with config.override(write_behind_bytes=STEP, direct_io=False):
         Fabric().save(path, state)
     # the requests went to the hidden temp file, before it replaced the target
     assert {os.path.dirname(p) for p, *_ in requests.seen} == {str(tmp_path)}
@@ -115,7 +119,7 @@ def test_a_sharded_piece_starts_writeback_step_by_step(tmp_path: Path, requests:
 def test_write_behind_set_to_zero_leaves_everything_to_the_fsync(
     tmp_path: Path, requests: Requests
 ) -> None:
-    with config.override(write_behind_bytes=0):
+    with config.override(write_behind_bytes=0, direct_io=False):
         Fabric().save(tmp_path / "big.ckpt", big_state(24))
     assert requests.seen == []
 
@@ -132,7 +136,7 @@ def test_a_refused_request_stops_the_asking_and_the_save_still_completes(
 
     monkeypatch.setattr(storage, "_SYNC_FILE_RANGE", refuse)
     state = big_state(24)
-    with config.override(write_behind_bytes=STEP):
+    with config.override(write_behind_bytes=STEP, direct_io=False):
         Fabric().save(tmp_path / "big.ckpt", state)
     assert calls == [0]  # asked once, then never again for this file
     loaded = Fabric().load(tmp_path / "big.ckpt")
@@ -146,6 +150,113 @@ def test_the_setting_reads_from_the_environment(monkeypatch: pytest.MonkeyPatch)
     assert config._from_env().write_behind_bytes == 0
     monkeypatch.setenv("LWCKPT_WRITE_BEHIND_BYTES", "-5")
     assert config._from_env().write_behind_bytes == 0
+
+
+direct_only = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT here")
+
+
+@direct_only
+def test_a_single_file_save_goes_around_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened: dict[str, int] = {}
+    real_open = os.open
+
+    def watched(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        opened[os.path.basename(os.fspath(path))] = flags
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(storage.os, "open", watched)
+    state = big_state(6) | {"odd": torch.arange(1001, dtype=torch.int8), "step": 7}
+    Fabric().save(tmp_path / "d.ckpt", state)
+    monkeypatch.setattr(storage.os, "open", real_open)
+    temps = [flags for name, flags in opened.items() if name.startswith(".d.ckpt.tmp-")]
+    assert len(temps) == 1
+    assert temps[0] & os.O_DIRECT
+    loaded = torch.load(tmp_path / "d.ckpt", weights_only=True)  # stock torch reads it
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items() if k != "step")
+    assert loaded["step"] == 7
+    assert not [p for p in os.listdir(tmp_path) if p != "d.ckpt"]  # no temp file left
+
+
+def write_in_pieces(file: Any, sizes: list[int], seed: int) -> bytes:
+    generator = torch.Generator().manual_seed(seed)
+    expected = b""
+    for index, size in enumerate(sizes):
+        data = torch.randint(0, 256, (size,), dtype=torch.uint8, generator=generator)
+        chunk = bytes(data.numpy())
+        assert file.write(chunk if index % 2 else memoryview(chunk)) == size
+        expected += chunk
+        if index % 3 == 2:
+            file.flush()  # a padded tail written early, rewritten by the next writes
+        assert file.tell() == len(expected)
+    file.flush()
+    return expected
+
+
+def filesystem_of(folder: Path) -> str:
+    best, kind = "", "unknown"
+    with open("/proc/mounts", encoding="ascii") as mounts:
+        for line in mounts:
+            _, mountpoint, fstype, *_ = line.split()
+            resolved = str(folder.resolve())
+            inside = resolved == mountpoint or resolved.startswith(mountpoint.rstrip("/") + "/")
+            if inside and len(mountpoint) > len(best):
+                best, kind = mountpoint, fstype
+    return kind
+
+
+@direct_only
+@pytest.mark.parametrize("where", ["disk", "tmpfs"])
+def test_direct_writes_of_any_size_give_the_exact_bytes(tmp_path: Path, where: str) -> None:
+    folder = tmp_path if where == "disk" else Path("/dev/shm")  # noqa: S108 - tmpfs on Linux
+    if not folder.is_dir():
+        pytest.skip("no /dev/shm here")
+    # ext4/xfs take O_DIRECT; tmpfs does from Linux 6.6 on and refuses it before (then: buffered)
+    direct = filesystem_of(folder) not in ("tmpfs", "ramfs")
+    path = folder / f"direct-{os.getpid()}-{where}.bin"
+    sizes = [1, 4095, 4097, 8192, 20000, 3, 0, 12289, 65536, 7]
+    try:
+        with storage._DirectFile(str(path), chunk_bytes=8192) as file:
+            expected = write_in_pieces(file, sizes, seed=1)
+            if direct:
+                assert file._direct
+        assert path.read_bytes() == expected
+    finally:
+        path.unlink(missing_ok=True)
+
+
+@direct_only
+def test_a_filesystem_refusing_direct_writes_gets_buffered_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_pwrite = os.pwrite
+    refused: list[int] = []
+
+    def refuse_direct(fd: int, data: Any, offset: int) -> int:
+        if os.O_DIRECT & fcntl.fcntl(fd, fcntl.F_GETFL):
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(storage.os, "pwrite", refuse_direct)
+    path = tmp_path / "refused.bin"
+    with storage._DirectFile(str(path), chunk_bytes=8192) as file:
+        expected = write_in_pieces(file, [10000, 5000, 30000], seed=2)
+        assert not file._direct
+    assert refused == [0]  # refused once, then written through the page cache
+    assert path.read_bytes() == expected
+
+
+def test_direct_io_reads_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LWCKPT_DIRECT_IO", raising=False)
+    assert config._from_env().direct_io is True
+    monkeypatch.setenv("LWCKPT_DIRECT_IO", "off")
+    assert config._from_env().direct_io is False
+    monkeypatch.setenv("LWCKPT_DIRECT_IO", "maybe")
+    with pytest.raises(ValueError, match="LWCKPT_DIRECT_IO"):
+        config._from_env()
 
 
 def save_sharded(path: Path, state: dict[str, Any]) -> None:
