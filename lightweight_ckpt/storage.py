@@ -4,8 +4,10 @@ This is the only module that opens a final checkpoint path for writing. A write 
 *committed*, so a checkpoint appears whole or not at all; how depends on the filesystem:
 
 - local disk: a hidden temp file in the destination directory (never ``$TMPDIR``: renames across
-  devices fail), fsync, ``os.replace`` over the target, fsync of the directory. While it is
-  written, ``WriteBehind`` has the disk start on every few MiB, so the fsync finds little left;
+  devices fail), fsync, ``os.replace`` over the target, fsync of the directory. The temp file is
+  written around the page cache (``_DirectFile``, ``O_DIRECT``) where the filesystem allows it;
+  otherwise (and for DCP's pieces) ``WriteBehind`` has the disk start on every few MiB, so the
+  fsync finds little left;
 - S3 and GCS: our own part writers (``uploads``), parts streamed with bounded memory, several
   in flight; ``commit()`` publishes the object in one request (S3: completes the multipart
   upload; GCS: composes the uploaded components), ``discard()`` removes what was uploaded;
