@@ -186,9 +186,13 @@ class _DirectFile:
                 raise
             self._fd = os.open(path, flags, 0o666)
             self._direct = False
-        self._behind = WriteBehind(self)
+        self._behind = WriteBehind(self)  # only used once the file is buffered
         size = max(_DIRECT_ALIGN, chunk_bytes - chunk_bytes % _DIRECT_ALIGN)
-        self._buffer = mmap.mmap(-1, size)
+        try:
+            self._buffer = mmap.mmap(-1, size)
+        except BaseException:
+            os.close(self._fd)
+            raise
         self._view = memoryview(self._buffer)
         self._filled = 0  # bytes in the buffer
         self._offset = 0  # where the buffer's first byte goes in the file (aligned)
@@ -229,7 +233,8 @@ class _DirectFile:
         done = 0
         while done < length:
             done += self._pwrite(self._view[done:length], self._offset + done)
-        self._behind.wrote_up_to(self._offset + length)
+        if not self._direct:  # direct writes leave no dirty pages to write back
+            self._behind.wrote_up_to(self._offset + length)
 
     def _pwrite(self, view: memoryview, offset: int) -> int:
         try:
