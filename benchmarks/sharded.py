@@ -406,8 +406,32 @@ class LightningModelParallel(Contender):
         return _step_after_load(state, returned)
 
 
+class LightweightCkptBuffered(LightweightCkpt):
+    """Ours with ``direct_io=False``: pieces written through the page cache, written behind."""
+
+    name = "lightweight_ckpt-buffered"
+    description = "lightweight_ckpt as above, LWCKPT_DIRECT_IO=off"
+
+    def setup(self) -> None:
+        """As ours, with direct I/O off for the rest of this process."""
+        import contextlib
+
+        from lightweight_ckpt import config
+
+        super().setup()
+        self._buffered = contextlib.ExitStack()
+        self._buffered.enter_context(config.override(direct_io=False))
+
+
 CONTENDERS: dict[str, type[Contender]] = {
-    c.name: c for c in (LightweightCkpt, Dcp, LightningFsdp, LightningModelParallel)
+    c.name: c
+    for c in (
+        LightweightCkpt,
+        LightweightCkptBuffered,
+        Dcp,
+        LightningFsdp,
+        LightningModelParallel,
+    )
 }
 BASELINE = "dcp"
 
@@ -809,6 +833,8 @@ def run_round(
         where = (bucket.fresh_url(f"{name}-r{rnd}"), bucket.endpoint) if bucket else None
         try:
             for op in ("save", "load"):
+                if op == "load" and bucket is None:
+                    _settle_page_cache(path, cold=args.cold_cache)
                 res = {**_run_op(name, op, path, args, where), "round": rnd}
                 results.append(res)
                 if "error" in res:
@@ -828,6 +854,19 @@ def run_round(
             if bucket is not None and where is not None:
                 stores.remove_url(where[0], stores.options_for(bucket.store, bucket.endpoint))
     return results
+
+
+def _settle_page_cache(path: Path, *, cold: bool) -> None:
+    """Give every contender's load the same page cache: all of its files cached, or none.
+
+    A save through the page cache leaves its files cached and one with direct I/O (ours, by
+    default) leaves nothing; without this the load after it would compare a warm read with a
+    cold one.
+    """
+    if cold:
+        harness.drop_page_cache(path)
+    else:
+        harness.warm_page_cache(path)
 
 
 def summarize(results: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
@@ -947,6 +986,8 @@ def orchestrate(args: argparse.Namespace) -> int:
         info = harness.machine_info(data_dir)
         state = cfg.state_bytes()
         mode = "; each timed save overwrites a checkpoint" if args.overwrite else ""
+        if bucket is None:
+            mode += "; page cache before load: " + ("dropped" if args.cold_cache else "warm")
         header = (
             f"state: {N_LAYERS} x Linear({cfg.d}, {cfg.d}), {cfg.n_params() / 1e6:.1f}M params, "
             f"fully_shard over {world} ranks ({where}) + AdamW = {state / MB:.0f} MB "
@@ -1021,6 +1062,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--overwrite",
         action="store_true",
         help="time saves that replace a checkpoint (two untimed saves to the same path first)",
+    )
+    p.add_argument(
+        "--cold-cache",
+        action="store_true",
+        help="evict each checkpoint from the page cache before its load (default: read it "
+        "all once, so that every contender loads from a warm cache)",
     )
     p.add_argument(
         "--device",

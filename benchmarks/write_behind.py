@@ -11,8 +11,8 @@ Contenders, each ending durable (fsync):
 - ``ours``: ``Fabric().save`` as configured by default (direct I/O where the filesystem allows);
 - ``ours-buffered`` / ``ours-no-wb``: through the page cache (``direct_io=False``), written behind
   at the default ``write_behind_bytes`` and at ``0`` (everything written back at the fsync);
-- ``ours-sharded`` / ``ours-sharded-no-wb``: the same for a sharded save in one process
-  (``TorchCheckpointIO.save_sharded``, one DCP piece);
+- ``ours-sharded`` / ``ours-sharded-buffered`` / ``ours-sharded-no-wb``: the same three for a
+  sharded save in one process (``TorchCheckpointIO.save_sharded``, one DCP piece);
 - ``dcp``: ``torch.distributed.checkpoint.save`` with ``FileSystemWriter`` (``sync_files=True``,
   its default), no process group;
 - ``raw``: ``os.write`` of every tensor's bytes, then fsync (no serialization at all);
@@ -117,7 +117,8 @@ def contenders(
         "ours-buffered": ours(direct_io=False),
         "ours-no-wb": ours(direct_io=False, write_behind_bytes=0),
         "ours-sharded": ours_sharded(),
-        "ours-sharded-no-wb": ours_sharded(write_behind_bytes=0),
+        "ours-sharded-buffered": ours_sharded(direct_io=False),
+        "ours-sharded-no-wb": ours_sharded(direct_io=False, write_behind_bytes=0),
         "dcp": dcp_save,
         "raw": raw,
         "torch": torch_save,

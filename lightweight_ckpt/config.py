@@ -1,7 +1,8 @@
 """Tunables, in one place: each has a default, an environment override and a test override.
 
 ``LWCKPT_IO_THREADS``: threads that verify and read records in parallel (default: up to 4, one
-per CPU core). ``LWCKPT_CHUNK_BYTES``: the largest single read or remote write (default 16 MiB).
+per CPU core). ``LWCKPT_CHUNK_BYTES``: the largest single read or remote write, and the size of
+each of a direct-I/O local save's two buffers (default 16 MiB).
 
 Retries of remote reads, saves and commits after a transient failure (connection reset, timeout,
 5xx, throttling), on top of the clients' own (see ``storage``): ``LWCKPT_RETRY_ATTEMPTS`` tries
@@ -39,10 +40,11 @@ many bytes as soon as they are written (``sync_file_range``), so that the disk w
 tensors are still serialized and the final fsync finds little left to do (default 16 MiB; ``0``
 turns it off: everything is written back at the fsync).
 
-``LWCKPT_DIRECT_IO``: ``on`` (default) writes a local single-file save around the page cache
-(``O_DIRECT``, from one ``chunk_bytes`` aligned buffer) where the filesystem allows it, so a
-save allocates no page cache and evicts none of the caller's; ``off`` writes through the page
-cache, written behind as above (as do sharded pieces, and filesystems refusing ``O_DIRECT``).
+``LWCKPT_DIRECT_IO``: ``on`` (default) writes local files (single-file saves and sharded pieces,
+new or reused) around the page cache (``O_DIRECT``, from two ``chunk_bytes`` aligned buffers, one
+filled while a writer thread writes the other) where the filesystem allows it, so a save
+allocates no page cache and evicts none of the caller's; ``off`` writes through the page cache,
+written behind as above (as do filesystems refusing ``O_DIRECT``).
 
 ``LWCKPT_REUSE_PIECES``: ``1`` (default) lets a sharded save on local disk overwrite the pieces of
 the version two saves back in place instead of allocating new files; ``0`` writes fresh files

@@ -23,14 +23,19 @@ import json
 import os
 import posixpath
 import threading
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from fsspec.implementations.local import LocalFileSystem
 
 from lightweight_ckpt.errors import CorruptCheckpointError
 from lightweight_ckpt.formats.ranges import crc32_combine
 from lightweight_ckpt.formats.zip_records import Record, crc32, crc_of_map, crc_of_source
-from lightweight_ckpt.storage import Location, WriteBehind, call_with_retries, open_source
+from lightweight_ckpt.storage import (
+    Location,
+    call_with_retries,
+    create_local_file,
+    open_source,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -68,7 +73,6 @@ class ChecksummedStream:
     def __init__(self, stream: Any) -> None:
         self._stream = stream
         self._position = 0
-        self._behind = WriteBehind(stream)  # a local piece starts reaching the disk as written
         self.chunks: list[tuple[int, int, int]] = []
         self.seeked = False  # then chunk offsets are unknown: the record re-reads the piece
 
@@ -81,8 +85,17 @@ class ChecksummedStream:
         count = len(view) if written is None else int(written)
         self.chunks.append((self._position, count, crc32(view[:count], 0)))
         self._position += count
-        self._behind.wrote_up_to(self._position)
         return count
+
+    def flush(self) -> None:
+        """Do nothing: DCP flushes after every item, and a direct file's flush writes its tail.
+
+        The bytes are pushed down once, by ``close``.
+        """
+
+    def close(self) -> None:
+        """Push the written bytes down; the opener closes the stream (and commits or cuts it)."""
+        self._stream.flush()
 
     def seek(self, *args: Any) -> int:
         """Seek (then the recorded chunks no longer give item CRCs)."""
@@ -128,7 +141,7 @@ class ChecksumRecorder:
     def __init__(
         self,
         fs: Any,
-        reuse: Callable[[str], IO[bytes] | None] | None = None,
+        reuse: Callable[[str], AbstractContextManager[Any] | None] | None = None,
         upload: Callable[[str], AbstractContextManager[Sink]] | None = None,
     ) -> None:
         self.inner = fs
@@ -147,8 +160,14 @@ class ChecksumRecorder:
             return
         reused = self._reuse(os.fspath(path)) if self._reuse and "w" in mode else None
         if reused is not None:
-            with reused:  # closing it drops the old file's tail
+            with reused:  # closing it cleanly cuts off the old file's tail
                 yield self._recorded(path, reused)
+            return
+        if "w" in mode and isinstance(self.inner.fs, LocalFileSystem):
+            # around the page cache where possible, else written behind (``storage``)
+            with create_local_file(os.fspath(path), exclusive=False) as local:
+                yield self._recorded(path, local)
+                local.flush()  # no-op if DCP closed the stream (it does)
             return
         with self.inner.create_stream(path, mode) as stream:
             yield self._recorded(path, stream) if "w" in mode else stream

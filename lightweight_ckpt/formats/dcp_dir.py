@@ -37,7 +37,7 @@ import dataclasses
 import logging
 import pickle
 import posixpath
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
@@ -130,7 +130,7 @@ class _VersionedWriter(FsspecWriter):
         if spare is not None:  # overwrite the pieces of the version two saves back, in place
             folder = posixpath.join(location.path, spare)
 
-            def reuse(piece: str) -> IO[bytes] | None:
+            def reuse(piece: str) -> contextlib.AbstractContextManager[Any] | None:
                 return dcp_versions.reuse_piece(
                     posixpath.join(folder, posixpath.basename(piece)), piece
                 )

@@ -46,20 +46,21 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
-import io
 import logging
 import os
 import posixpath
 import threading
 import uuid
 from concurrent.futures import Future
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lightweight_ckpt.config import settings
 from lightweight_ckpt.errors import CheckpointError, CheckpointReadError, CheckpointWriteError
-from lightweight_ckpt.storage import call_with_retries
+from lightweight_ckpt.storage import call_with_retries, overwrite_local_file
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     from lightweight_ckpt.storage import Location
 
 log = logging.getLogger("lightweight_ckpt")
@@ -152,7 +153,7 @@ def _before_last(location: Location) -> str | None:
         return history[0] if len(history) == 2 else None  # noqa: PLR2004 - two are kept
 
 
-def reuse_piece(spare_piece: str, piece: str) -> IO[bytes] | None:
+def reuse_piece(spare_piece: str, piece: str) -> AbstractContextManager[Any] | None:
     """Move a spare piece to ``piece`` and open it for an in-place overwrite, or return None.
 
     Taken only under an exclusive ``flock``, without waiting: a reader holding its shared lock
@@ -169,17 +170,7 @@ def reuse_piece(spare_piece: str, piece: str) -> IO[bytes] | None:
     except OSError:  # being read, or no locks on this filesystem: write a fresh file
         os.close(descriptor)
         return None
-    return _Overwrite(io.FileIO(descriptor, "r+"))
-
-
-class _Overwrite(io.BufferedRandom):
-    """A file written over in place: closing it cuts off what is left of the old content."""
-
-    def close(self) -> None:
-        """Truncate at the current position (the end of this write), then close."""
-        if not self.closed:
-            self.truncate()
-        super().close()
+    return overwrite_local_file(descriptor)
 
 
 def pin_piece(piece: str, url: str) -> int:

@@ -1,10 +1,11 @@
 """What local saves spend their time on: direct I/O, write-behind, no second CRC32 of items.
 
-A single-file save goes around the page cache (``storage._DirectFile``, ``O_DIRECT``) where the
-filesystem allows; elsewhere, and for sharded pieces, saves hand their bytes to the disk as they
-write them (``storage.WriteBehind``). The libc call
-is watched, not replaced: the spy records each ``sync_file_range`` request with the file's size
-at that moment and passes it on, so the saves below really run write-behind.
+Local saves, single files and sharded pieces alike, go around the page cache
+(``local_files.DirectFile``, ``O_DIRECT``) where the filesystem allows, with a writer thread
+writing one buffer while the caller fills the next; elsewhere they hand their bytes to the disk
+as they write them (``local_files.WriteBehind``). The libc call is watched, not replaced: the
+spy records each ``sync_file_range`` request with the file's size at that moment and passes it
+on, so the saves below really run write-behind.
 
 A sharded save's items skip torch's own zip CRC32s (``dcp_calls.without_torch_crc32``): the
 pieces' records hold ours, and the setting is the user's again afterwards.
@@ -17,6 +18,7 @@ import fcntl
 import io
 import mmap
 import os
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -27,13 +29,15 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.utils.serialization import config as torch_serialization
 
-from lightweight_ckpt import Fabric, config, storage
+from lightweight_ckpt import Fabric, config, local_files
 from lightweight_ckpt.errors import CheckpointWriteError, CorruptCheckpointError
 from lightweight_ckpt.formats.dcp_calls import without_torch_crc32
 from lightweight_ckpt.io import TorchCheckpointIO
+from lightweight_ckpt.strategies import FSDPStrategy
+from tests.strategies.test_sharded_faults import assert_commit_complete
 
 linux_only = pytest.mark.skipif(
-    storage._SYNC_FILE_RANGE is None, reason="sync_file_range is Linux-only"
+    local_files._SYNC_FILE_RANGE is None, reason="sync_file_range is Linux-only"
 )
 
 STEP = 4 << 20
@@ -57,8 +61,8 @@ class Requests:
 
 @pytest.fixture
 def requests(monkeypatch: pytest.MonkeyPatch) -> Requests:
-    spy = Requests(storage._SYNC_FILE_RANGE)
-    monkeypatch.setattr(storage, "_SYNC_FILE_RANGE", spy)
+    spy = Requests(local_files._SYNC_FILE_RANGE)
+    monkeypatch.setattr(local_files, "_SYNC_FILE_RANGE", spy)
     return spy
 
 
@@ -72,7 +76,7 @@ def assert_written_behind(ranges: list[tuple[int, int, int, int]], file_size: in
     assert ranges, "no writeback was started while the file was written"
     position = 0
     for offset, nbytes, flags, size_then in ranges:
-        assert flags == storage._SYNC_FILE_RANGE_WRITE  # start writing; never wait
+        assert flags == local_files._SYNC_FILE_RANGE_WRITE  # start writing; never wait
         assert offset == position  # consecutive ranges, none asked twice
         assert nbytes >= STEP
         assert (offset + nbytes) % mmap.PAGESIZE == 0
@@ -105,7 +109,7 @@ def test_a_sharded_piece_starts_writeback_step_by_step(tmp_path: Path, requests:
     io = TorchCheckpointIO()
     path = tmp_path / "sharded"
     state = big_state(24)
-    with config.override(write_behind_bytes=STEP):
+    with config.override(write_behind_bytes=STEP, direct_io=False):
         io.prepare_sharded(str(path), "v-test")
         io.save_sharded(dict(state), str(path), "v-test")
     piece = path / "v-test" / "__0_0.distcp"
@@ -134,7 +138,7 @@ def test_a_refused_request_stops_the_asking_and_the_save_still_completes(
         calls.append(offset)
         return -1  # e.g. ESPIPE, or a filesystem that does not support it
 
-    monkeypatch.setattr(storage, "_SYNC_FILE_RANGE", refuse)
+    monkeypatch.setattr(local_files, "_SYNC_FILE_RANGE", refuse)
     state = big_state(24)
     with config.override(write_behind_bytes=STEP, direct_io=False):
         Fabric().save(tmp_path / "big.ckpt", state)
@@ -155,6 +159,12 @@ def test_the_setting_reads_from_the_environment(monkeypatch: pytest.MonkeyPatch)
 direct_only = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT here")
 
 
+def new_direct_file(path: Path, chunk_bytes: int) -> local_files.DirectFile:
+    """A ``DirectFile`` on a plain new file: it turns ``O_DIRECT`` on itself where allowed."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    return local_files.DirectFile(fd, chunk_bytes)
+
+
 @direct_only
 def test_a_single_file_save_goes_around_the_page_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -166,10 +176,10 @@ def test_a_single_file_save_goes_around_the_page_cache(
         opened[os.path.basename(os.fspath(path))] = flags
         return real_open(path, flags, *args, **kwargs)
 
-    monkeypatch.setattr(storage.os, "open", watched)
+    monkeypatch.setattr(local_files.os, "open", watched)
     state = big_state(6) | {"odd": torch.arange(1001, dtype=torch.int8), "step": 7}
     Fabric().save(tmp_path / "d.ckpt", state)
-    monkeypatch.setattr(storage.os, "open", real_open)
+    monkeypatch.setattr(local_files.os, "open", real_open)
     temps = [flags for name, flags in opened.items() if name.startswith(".d.ckpt.tmp-")]
     assert len(temps) == 1
     assert temps[0] & os.O_DIRECT
@@ -218,7 +228,7 @@ def test_direct_writes_of_any_size_give_the_exact_bytes(tmp_path: Path, where: s
     path = folder / f"direct-{os.getpid()}-{where}.bin"
     sizes = [1, 4095, 4097, 8192, 20000, 3, 0, 12289, 65536, 7]
     try:
-        with storage._DirectFile(str(path), chunk_bytes=8192) as file:
+        with new_direct_file(path, chunk_bytes=8192) as file:
             expected = write_in_pieces(file, sizes, seed=1)
             if direct:
                 assert file._direct
@@ -240,13 +250,104 @@ def test_a_filesystem_refusing_direct_writes_gets_buffered_ones(
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(storage.os, "pwrite", refuse_direct)
+    monkeypatch.setattr(local_files.os, "pwrite", refuse_direct)
     path = tmp_path / "refused.bin"
-    with storage._DirectFile(str(path), chunk_bytes=8192) as file:
+    with new_direct_file(path, chunk_bytes=8192) as file:
         expected = write_in_pieces(file, [10000, 5000, 30000], seed=2)
         assert not file._direct
     assert refused == [0]  # refused once, then written through the page cache
     assert path.read_bytes() == expected
+
+
+@direct_only
+def test_the_caller_fills_the_next_buffer_while_the_last_one_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_pwrite = os.pwrite
+    release = threading.Event()
+    finished: list[int] = []
+    writers: dict[int, int] = {}  # offset -> the thread that wrote it
+
+    def held(fd: int, data: Any, offset: int) -> int:
+        writers[offset] = threading.get_ident()
+        if offset == 0:
+            release.wait(10)  # the first full buffer stays "on its way to the disk"
+        count = real_pwrite(fd, data, offset)
+        finished.append(offset)
+        return count
+
+    monkeypatch.setattr(local_files.os, "pwrite", held)
+    path = tmp_path / "overlap.bin"
+    data = bytes(range(256)) * 100  # 25600 bytes: three full buffers and a tail
+    with new_direct_file(path, chunk_bytes=8192) as file:
+        file.write(data[:12000])  # the first buffer is handed over, the second half filled
+        assert finished == []  # ... and write returned while the first was still being written
+        release.set()
+        file.write(data[12000:])
+        file.flush()
+    assert finished == [0, 8192, 16384, 24576]
+    caller = threading.get_ident()
+    assert all(writers[offset] != caller for offset in (0, 8192, 16384))  # the writer thread
+    assert writers[24576] == caller  # the padded tail: written by flush itself
+    assert path.read_bytes() == data
+
+
+@direct_only
+def test_a_failed_background_write_fails_the_save_and_leaves_the_old_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "full.ckpt"
+    old = {"w": torch.arange(10.0)}
+    Fabric().save(path, old)
+    real_pwrite = os.pwrite
+
+    def disk_full(fd: int, data: Any, offset: int) -> int:
+        if offset >= 4 << 20:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(local_files.os, "pwrite", disk_full)
+    with config.override(chunk_bytes=1 << 20), pytest.raises(CheckpointWriteError) as caught:
+        Fabric().save(path, big_state(24))
+    assert str(path) in str(caught.value)
+    assert "No space left" in str(caught.value)
+    monkeypatch.setattr(local_files.os, "pwrite", real_pwrite)
+    assert sorted(os.listdir(tmp_path)) == ["full.ckpt"]  # no temp file left
+    assert torch.equal(Fabric().load(path)["w"], old["w"])  # the previous checkpoint is intact
+    # (the hygiene fixture checks that no writer thread was left running)
+
+
+@direct_only
+def test_sharded_pieces_new_and_reused_are_written_around_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_pwrite = os.pwrite
+    writes: list[tuple[str, bool]] = []
+
+    def watched(fd: int, data: Any, offset: int) -> int:
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        writes.append((name, bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(local_files.os, "pwrite", watched)
+    path = tmp_path / "sharded"
+    fabric = Fabric(strategy=FSDPStrategy())
+    pieces = []
+    for seed, megabytes in ((1, 8), (2, 8), (3, 5)):  # the third save reuses the first's piece
+        writes.clear()
+        state = {f"t{i}": t * seed for i, t in enumerate(big_state(megabytes).values())}
+        with config.override(chunk_bytes=1 << 20):
+            fabric.save(path, dict(state))
+        (piece,) = (path / assert_commit_complete(path)).glob("*.distcp")
+        pieces.append(piece.stat())
+        direct = [flag for name, flag in writes if name == piece.name]
+        assert len(direct) > 2  # full buffers from the writer thread, then the tail
+        assert all(direct)
+        loaded = Fabric().load(path)
+        assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert pieces[2].st_ino == pieces[0].st_ino  # the third save wrote over the first's file
+    assert pieces[2].st_size < pieces[0].st_size  # ... and cut off the rest of the old content
+    fabric.teardown()
 
 
 def test_direct_io_reads_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
