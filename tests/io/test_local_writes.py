@@ -238,6 +238,28 @@ def test_direct_writes_of_any_size_give_the_exact_bytes(tmp_path: Path, where: s
 
 
 @direct_only
+def test_a_file_written_over_in_place_is_cut_on_a_clean_close_and_abandoned_after_an_error(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "reused.bin"
+    path.write_bytes(b"\xee" * 50000)  # an old piece, longer than what replaces it
+    with local_files.DirectFile(os.open(path, os.O_RDWR), 8192, cut_on_close=True) as file:
+        expected = write_in_pieces(file, [9000, 7, 12000], seed=3)
+    assert path.read_bytes() == expected  # the old tail is gone
+
+    before = path.read_bytes()
+
+    def fail_mid_write() -> None:
+        with local_files.DirectFile(os.open(path, os.O_RDWR), 8192, cut_on_close=True) as file:
+            file.write(b"\x11" * 100)  # stays in the buffer: never flushed after the error
+            raise RuntimeError("serialization failed")
+
+    with pytest.raises(RuntimeError, match="serialization failed"):
+        fail_mid_write()
+    assert path.read_bytes() == before  # nothing written, nothing cut
+
+
+@direct_only
 def test_a_filesystem_refusing_direct_writes_gets_buffered_ones(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
