@@ -114,7 +114,7 @@ _DIRECT_BUFFERS = 2  # one being filled by the caller, one being written by the 
 class DirectFile:
     """A local file written around the page cache (``O_DIRECT``) from aligned buffers.
 
-    ``write`` copies bytes into one of two page-aligned ``chunk_bytes`` buffers; each full one is
+    ``write`` copies bytes into one of two page-aligned ``buffer_bytes`` buffers; each full one is
     handed to a writer thread for one ``pwrite`` (which releases the GIL), and the caller goes
     on filling the other. So serializing a checkpoint and writing it overlap, and a save costs
     about the larger of the two rather than their sum. A failed write raises at the caller's
@@ -127,12 +127,12 @@ class DirectFile:
     closing it flushes and cuts off what is left of the old content.
     """
 
-    def __init__(self, fd: int, chunk_bytes: int, *, cut_on_close: bool = False) -> None:
+    def __init__(self, fd: int, buffer_bytes: int, *, cut_on_close: bool = False) -> None:
         self._fd = fd
         self._direct = bool(_flags(fd) & os.O_DIRECT) or _set_direct(fd)
         self._cut_on_close = cut_on_close
         self._behind = WriteBehind(self)  # only used once the file is buffered
-        self._size = max(_DIRECT_ALIGN, chunk_bytes - chunk_bytes % _DIRECT_ALIGN)
+        self._size = max(_DIRECT_ALIGN, buffer_bytes - buffer_bytes % _DIRECT_ALIGN)
         self._buffers: list[mmap.mmap] = []  # allocated as needed: a small file uses one
         self._views: list[memoryview] = []
         self._writes: list[Future[None] | None] = [None] * _DIRECT_BUFFERS
@@ -307,7 +307,7 @@ def create(path: str, *, exclusive: bool = True) -> DirectFile | io.BufferedWrit
             if err.errno != errno.EINVAL:
                 raise
             fd = os.open(path, flags, 0o666)  # the filesystem refuses O_DIRECT at open
-        return DirectFile(fd, settings().chunk_bytes)
+        return DirectFile(fd, settings().direct_buffer_bytes)
     file = _WriteBehindFile(os.open(path, flags, 0o666), cut_on_close=False)
     return io.BufferedWriter(file, 1 << 20)
 
@@ -318,7 +318,7 @@ def overwrite(fd: int) -> DirectFile | io.BufferedRandom:
     Closing the returned file cuts off what is left of the old content; the caller fsyncs.
     """
     if _use_direct():
-        return DirectFile(fd, settings().chunk_bytes, cut_on_close=True)
+        return DirectFile(fd, settings().direct_buffer_bytes, cut_on_close=True)
     return io.BufferedRandom(_WriteBehindFile(fd, cut_on_close=True), 1 << 20)
 
 

@@ -159,10 +159,10 @@ def test_the_setting_reads_from_the_environment(monkeypatch: pytest.MonkeyPatch)
 direct_only = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT here")
 
 
-def new_direct_file(path: Path, chunk_bytes: int) -> local_files.DirectFile:
+def new_direct_file(path: Path, buffer_bytes: int) -> local_files.DirectFile:
     """A ``DirectFile`` on a plain new file: it turns ``O_DIRECT`` on itself where allowed."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-    return local_files.DirectFile(fd, chunk_bytes)
+    return local_files.DirectFile(fd, buffer_bytes)
 
 
 @direct_only
@@ -228,7 +228,7 @@ def test_direct_writes_of_any_size_give_the_exact_bytes(tmp_path: Path, where: s
     path = folder / f"direct-{os.getpid()}-{where}.bin"
     sizes = [1, 4095, 4097, 8192, 20000, 3, 0, 12289, 65536, 7]
     try:
-        with new_direct_file(path, chunk_bytes=8192) as file:
+        with new_direct_file(path, buffer_bytes=8192) as file:
             expected = write_in_pieces(file, sizes, seed=1)
             if direct:
                 assert file._direct
@@ -274,7 +274,7 @@ def test_a_filesystem_refusing_direct_writes_gets_buffered_ones(
 
     monkeypatch.setattr(local_files.os, "pwrite", refuse_direct)
     path = tmp_path / "refused.bin"
-    with new_direct_file(path, chunk_bytes=8192) as file:
+    with new_direct_file(path, buffer_bytes=8192) as file:
         expected = write_in_pieces(file, [10000, 5000, 30000], seed=2)
         assert not file._direct
     assert refused == [0]  # refused once, then written through the page cache
@@ -301,7 +301,7 @@ def test_the_caller_fills_the_next_buffer_while_the_last_one_is_written(
     monkeypatch.setattr(local_files.os, "pwrite", held)
     path = tmp_path / "overlap.bin"
     data = bytes(range(256)) * 100  # 25600 bytes: three full buffers and a tail
-    with new_direct_file(path, chunk_bytes=8192) as file:
+    with new_direct_file(path, buffer_bytes=8192) as file:
         file.write(data[:12000])  # the first buffer is handed over, the second half filled
         assert finished == []  # ... and write returned while the first was still being written
         release.set()
@@ -329,7 +329,10 @@ def test_a_failed_background_write_fails_the_save_and_leaves_the_old_checkpoint(
         return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr(local_files.os, "pwrite", disk_full)
-    with config.override(chunk_bytes=1 << 20), pytest.raises(CheckpointWriteError) as caught:
+    with (
+        config.override(direct_buffer_bytes=1 << 20),
+        pytest.raises(CheckpointWriteError) as caught,
+    ):
         Fabric().save(path, big_state(24))
     assert str(path) in str(caught.value)
     assert "No space left" in str(caught.value)
@@ -358,7 +361,7 @@ def test_sharded_pieces_new_and_reused_are_written_around_the_page_cache(
     for seed, megabytes in ((1, 8), (2, 8), (3, 5)):  # the third save reuses the first's piece
         writes.clear()
         state = {f"t{i}": t * seed for i, t in enumerate(big_state(megabytes).values())}
-        with config.override(chunk_bytes=1 << 20):
+        with config.override(direct_buffer_bytes=1 << 20):
             fabric.save(path, dict(state))
         (piece,) = (path / assert_commit_complete(path)).glob("*.distcp")
         pieces.append(piece.stat())
@@ -380,6 +383,10 @@ def test_direct_io_reads_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("LWCKPT_DIRECT_IO", "maybe")
     with pytest.raises(ValueError, match="LWCKPT_DIRECT_IO"):
         config._from_env()
+    monkeypatch.delenv("LWCKPT_DIRECT_IO")
+    assert config._from_env().direct_buffer_bytes == 4 << 20
+    monkeypatch.setenv("LWCKPT_DIRECT_BUFFER_BYTES", "10")
+    assert config._from_env().direct_buffer_bytes == 4096
 
 
 def save_sharded(path: Path, state: dict[str, Any]) -> None:
