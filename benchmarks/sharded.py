@@ -413,14 +413,12 @@ class LightweightCkptBuffered(LightweightCkpt):
     description = "lightweight_ckpt as above, LWCKPT_DIRECT_IO=off"
 
     def setup(self) -> None:
-        """As ours, with direct I/O off for the rest of this process."""
-        import contextlib
-
+        """As ours, with direct I/O off for the rest of this worker process."""
         from lightweight_ckpt import config
 
+        self._tunables = config.override(direct_io=False)
+        self._tunables.__enter__()
         super().setup()
-        self._buffered = contextlib.ExitStack()
-        self._buffered.enter_context(config.override(direct_io=False))
 
 
 CONTENDERS: dict[str, type[Contender]] = {

@@ -17,8 +17,8 @@ Callers still fsync: none of this promises durability by itself.
 
 Why reused pieces are written directly too: copying into the old file's pages beats a direct
 write only while those pages are still cached (``benchmarks/sharded.py --overwrite`` at world
-size 2: 0.21 s vs 0.36 s), and after a direct save they are not (0.71 s: the page cache must be
-allocated again). Direct writes take the same time whatever the cache holds.
+size 2: 0.20 s vs 0.29-0.32 s), and after a direct save they are not (0.71 s: the page cache must
+be allocated again). Direct writes take the same time whatever the cache holds.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import io
 import mmap
 import os
@@ -129,7 +130,7 @@ class DirectFile:
 
     def __init__(self, fd: int, buffer_bytes: int, *, cut_on_close: bool = False) -> None:
         self._fd = fd
-        self._direct = bool(_flags(fd) & os.O_DIRECT) or _set_direct(fd)
+        self._direct = _set_direct(fd)
         self._cut_on_close = cut_on_close
         self._behind = WriteBehind(self)  # only used once the file is buffered
         self._size = max(_DIRECT_ALIGN, buffer_bytes - buffer_bytes % _DIRECT_ALIGN)
@@ -256,8 +257,6 @@ class DirectFile:
         return os.pwrite(self._fd, view, offset)
 
     def _go_buffered(self) -> None:
-        import fcntl  # noqa: PLC0415 - POSIX only, like O_DIRECT itself
-
         fcntl.fcntl(self._fd, fcntl.F_SETFL, _flags(self._fd) & ~os.O_DIRECT)
         self._direct = False
 
@@ -271,15 +270,11 @@ class DirectFile:
 
 
 def _flags(fd: int) -> int:
-    import fcntl  # noqa: PLC0415 - POSIX only
-
     return int(fcntl.fcntl(fd, fcntl.F_GETFL))
 
 
 def _set_direct(fd: int) -> bool:
-    """Turn ``O_DIRECT`` on for ``fd``; False where the filesystem refuses it."""
-    import fcntl  # noqa: PLC0415 - POSIX only
-
+    """Turn ``O_DIRECT`` on for ``fd`` (if not on yet); False where the filesystem refuses it."""
     try:
         fcntl.fcntl(fd, fcntl.F_SETFL, _flags(fd) | os.O_DIRECT)
     except OSError as err:
