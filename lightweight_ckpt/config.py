@@ -40,13 +40,16 @@ tensors are still serialized and the final fsync finds little left to do (defaul
 turns it off: everything is written back at the fsync).
 
 ``LWCKPT_DIRECT_IO``: ``on`` (default) writes local files (single-file saves and sharded pieces,
-new or reused) around the page cache (``O_DIRECT``, from two aligned buffers of
-``LWCKPT_DIRECT_BUFFER_BYTES``, default 4 MiB, one filled while a writer thread writes the
-other) where the filesystem allows it, so a save allocates no page cache and evicts none of the
-caller's; ``off`` writes through the page cache, written behind as above (as do filesystems
-refusing ``O_DIRECT``). The buffer size is rounded down to a multiple of 4 KiB; on this
-project's VM 2, 4 and 16 MiB buffers saved equally fast, and the two buffers are all the memory a
-direct save adds.
+new or reused) around the page cache (``O_DIRECT``, from two aligned buffers, one filled while a
+writer thread writes the other) where the filesystem allows it, so a save allocates no page cache
+and evicts none of the caller's; ``off`` writes through the page cache, written behind as above
+(as do filesystems refusing ``O_DIRECT``). The two buffers are all the memory a direct save adds.
+A single file's buffers are 4 MiB each; the pieces of a sharded save, which every rank of a node
+writes at once (so the disk has a request from each rank in flight), share 1 MiB among the node's
+ranks, at least 512 KiB each (``piece_buffer_bytes``: ``max(512 KiB, 1 MiB // LOCAL_WORLD_SIZE)``).
+``LWCKPT_DIRECT_BUFFER_BYTES`` set explicitly sizes every direct file's buffers, pieces included.
+Sizes are rounded down to a multiple of 4 KiB. On this project's VM, buffers of 2, 4 and 16 MiB
+saved a single file equally fast, and 512 KiB to 4 MiB sharded pieces at world size 2.
 
 ``LWCKPT_REUSE_PIECES``: ``1`` (default) lets a sharded save on local disk overwrite the pieces of
 the version two saves back in place instead of allocating new files; ``0`` writes fresh files
@@ -87,6 +90,7 @@ class Settings:
     write_behind_bytes: int = 16 << 20
     direct_io: bool = True
     direct_buffer_bytes: int = 4 << 20
+    piece_buffer_bytes: int = 1 << 20
 
 
 def _choice(name: str, choices: tuple[str, ...]) -> str:
@@ -96,17 +100,18 @@ def _choice(name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def _node_share_of_parts(parts: int) -> int:
-    """``parts`` per node, at least 2 per process (``LOCAL_WORLD_SIZE``: set by torchrun)."""
+def _node_share(per_node: int, least: int) -> int:
+    """A process's share of ``per_node``, at least ``least`` (``LOCAL_WORLD_SIZE``: torchrun's)."""
     try:
         local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:
         local_ranks = 1
-    return max(2, parts // local_ranks)
+    return max(least, per_node // local_ranks)
 
 
 def _from_env() -> Settings:
     parts = os.environ.get("LWCKPT_PARTS_IN_FLIGHT")  # set: per process, pieces included
+    buffer = os.environ.get("LWCKPT_DIRECT_BUFFER_BYTES")  # set: every direct file, pieces too
     return Settings(
         io_threads=max(
             1, int(os.environ.get("LWCKPT_IO_THREADS", str(min(4, os.cpu_count() or 1))))
@@ -119,13 +124,12 @@ def _from_env() -> Settings:
         spool_dir=os.environ.get("LWCKPT_SPOOL_DIR", ""),
         part_bytes=max(5 << 20, int(os.environ.get("LWCKPT_PART_BYTES", str(8 << 20)))),
         parts_in_flight=max(1, int(parts)) if parts else 4,
-        piece_parts_in_flight=max(1, int(parts)) if parts else _node_share_of_parts(4),
+        piece_parts_in_flight=max(1, int(parts)) if parts else _node_share(4, 2),
         progress=_choice("LWCKPT_PROGRESS", ("auto", "on", "off")),
         reuse_pieces=_choice("LWCKPT_REUSE_PIECES", ("1", "0")) == "1",
         direct_io=_choice("LWCKPT_DIRECT_IO", ("on", "off")) == "on",
-        direct_buffer_bytes=max(
-            4096, int(os.environ.get("LWCKPT_DIRECT_BUFFER_BYTES", str(4 << 20)))
-        ),
+        direct_buffer_bytes=max(4096, int(buffer)) if buffer else 4 << 20,
+        piece_buffer_bytes=max(4096, int(buffer)) if buffer else _node_share(1 << 20, 512 << 10),
         write_behind_bytes=max(0, int(os.environ.get("LWCKPT_WRITE_BEHIND_BYTES", str(16 << 20)))),
     )
 

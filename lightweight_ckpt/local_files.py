@@ -287,12 +287,15 @@ def _set_direct(fd: int) -> bool:
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 
 
-def create(path: str, *, exclusive: bool = True) -> DirectFile | io.BufferedWriter:
+def create(
+    path: str, *, exclusive: bool = True, buffer_bytes: int | None = None
+) -> DirectFile | io.BufferedWriter:
     """A new local file to write a checkpoint (or a piece of one) into; the caller fsyncs.
 
     Direct I/O where ``settings().direct_io`` is on and the filesystem allows it, else buffered
     and written behind. ``exclusive``: fail if ``path`` exists (a temp file's unique name);
-    otherwise an existing file is truncated.
+    otherwise an existing file is truncated. ``buffer_bytes``: the size of each direct buffer
+    (default ``settings().direct_buffer_bytes``).
     """
     flags = _WRITE_FLAGS | (os.O_EXCL if exclusive else os.O_TRUNC)
     if _use_direct():
@@ -302,18 +305,19 @@ def create(path: str, *, exclusive: bool = True) -> DirectFile | io.BufferedWrit
             if err.errno != errno.EINVAL:
                 raise
             fd = os.open(path, flags, 0o666)  # the filesystem refuses O_DIRECT at open
-        return DirectFile(fd, settings().direct_buffer_bytes)
+        return DirectFile(fd, buffer_bytes or settings().direct_buffer_bytes)
     file = _WriteBehindFile(os.open(path, flags, 0o666), cut_on_close=False)
     return io.BufferedWriter(file, 1 << 20)
 
 
-def overwrite(fd: int) -> DirectFile | io.BufferedRandom:
+def overwrite(fd: int, *, buffer_bytes: int | None = None) -> DirectFile | io.BufferedRandom:
     """Take ``fd``, an existing file opened read-write, to write over from offset 0.
 
     Closing the returned file cuts off what is left of the old content; the caller fsyncs.
+    ``buffer_bytes`` as for ``create``.
     """
     if _use_direct():
-        return DirectFile(fd, settings().direct_buffer_bytes, cut_on_close=True)
+        return DirectFile(fd, buffer_bytes or settings().direct_buffer_bytes, cut_on_close=True)
     return io.BufferedRandom(_WriteBehindFile(fd, cut_on_close=True), 1 << 20)
 
 

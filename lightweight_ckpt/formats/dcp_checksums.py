@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from fsspec.implementations.local import LocalFileSystem
 
+from lightweight_ckpt.config import settings
 from lightweight_ckpt.errors import CorruptCheckpointError
 from lightweight_ckpt.formats.ranges import crc32_combine
 from lightweight_ckpt.formats.zip_records import Record, crc32, crc_of_map, crc_of_source
@@ -165,7 +166,10 @@ class ChecksumRecorder:
             return
         if "w" in mode and isinstance(self.inner.fs, LocalFileSystem):
             # around the page cache where possible, else written behind (``storage``)
-            with create_local_file(os.fspath(path), exclusive=False) as local:
+            buffer_bytes = settings().piece_buffer_bytes
+            with create_local_file(
+                os.fspath(path), exclusive=False, buffer_bytes=buffer_bytes
+            ) as local:
                 yield self._recorded(path, local)
                 local.flush()  # no-op if DCP closed the stream (it does)
             return

@@ -170,7 +170,7 @@ def reuse_piece(spare_piece: str, piece: str) -> AbstractContextManager[Any] | N
     except OSError:  # being read, or no locks on this filesystem: write a fresh file
         os.close(descriptor)
         return None
-    return overwrite_local_file(descriptor)
+    return overwrite_local_file(descriptor, buffer_bytes=settings().piece_buffer_bytes)
 
 
 def pin_piece(piece: str, url: str) -> int:

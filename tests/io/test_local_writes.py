@@ -347,11 +347,11 @@ def test_sharded_pieces_new_and_reused_are_written_around_the_page_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_pwrite = os.pwrite
-    writes: list[tuple[str, bool]] = []
+    writes: list[tuple[str, bool, int]] = []
 
     def watched(fd: int, data: Any, offset: int) -> int:
         name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
-        writes.append((name, bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)))
+        writes.append((name, bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT), len(data)))
         return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr(local_files.os, "pwrite", watched)
@@ -361,13 +361,14 @@ def test_sharded_pieces_new_and_reused_are_written_around_the_page_cache(
     for seed, megabytes in ((1, 8), (2, 8), (3, 5)):  # the third save reuses the first's piece
         writes.clear()
         state = {f"t{i}": t * seed for i, t in enumerate(big_state(megabytes).values())}
-        with config.override(direct_buffer_bytes=1 << 20):
+        with config.override(direct_buffer_bytes=1 << 20, piece_buffer_bytes=256 << 10):
             fabric.save(path, dict(state))
         (piece,) = (path / assert_commit_complete(path)).glob("*.distcp")
         pieces.append(piece.stat())
-        direct = [flag for name, flag in writes if name == piece.name]
+        direct = [(flag, size) for name, flag, size in writes if name == piece.name]
         assert len(direct) > 2  # full buffers from the writer thread, then the tail
-        assert all(direct)
+        assert all(flag for flag, _ in direct)
+        assert max(size for _, size in direct) == 256 << 10  # pieces have buffers of their own
         loaded = Fabric().load(path)
         assert all(torch.equal(loaded[k], v) for k, v in state.items())
     assert pieces[2].st_ino == pieces[0].st_ino  # the third save wrote over the first's file
@@ -384,9 +385,30 @@ def test_direct_io_reads_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(ValueError, match="LWCKPT_DIRECT_IO"):
         config._from_env()
     monkeypatch.delenv("LWCKPT_DIRECT_IO")
-    assert config._from_env().direct_buffer_bytes == 4 << 20
-    monkeypatch.setenv("LWCKPT_DIRECT_BUFFER_BYTES", "10")
-    assert config._from_env().direct_buffer_bytes == 4096
+    monkeypatch.delenv("LWCKPT_DIRECT_BUFFER_BYTES", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    tunables = config._from_env()
+    assert (tunables.direct_buffer_bytes, tunables.piece_buffer_bytes) == (4 << 20, 512 << 10)
+    monkeypatch.setenv("LWCKPT_DIRECT_BUFFER_BYTES", "10")  # set: every direct file, rounded up
+    tunables = config._from_env()
+    assert (tunables.direct_buffer_bytes, tunables.piece_buffer_bytes) == (4096, 4096)
+
+
+@pytest.mark.parametrize(
+    ("local_world_size", "expected"),
+    [(None, 1 << 20), ("1", 1 << 20), ("2", 512 << 10), ("8", 512 << 10), ("x", 1 << 20)],
+)
+def test_sharded_pieces_share_the_direct_buffers_among_a_nodes_ranks(
+    monkeypatch: pytest.MonkeyPatch, local_world_size: str | None, expected: int
+) -> None:
+    monkeypatch.delenv("LWCKPT_DIRECT_BUFFER_BYTES", raising=False)
+    if local_world_size is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
+    tunables = config._from_env()
+    assert tunables.piece_buffer_bytes == expected
+    assert tunables.direct_buffer_bytes == 4 << 20  # one rank writing one file keeps its 4 MiB
 
 
 def save_sharded(path: Path, state: dict[str, Any]) -> None:
