@@ -394,23 +394,6 @@ def test_direct_io_reads_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
     assert (tunables.direct_buffer_bytes, tunables.piece_buffer_bytes) == (4096, 4096)
 
 
-@pytest.mark.parametrize(
-    ("local_world_size", "expected"),
-    [(None, 1 << 20), ("1", 1 << 20), ("2", 512 << 10), ("8", 512 << 10), ("x", 1 << 20)],
-)
-def test_sharded_pieces_share_the_direct_buffers_among_a_nodes_ranks(
-    monkeypatch: pytest.MonkeyPatch, local_world_size: str | None, expected: int
-) -> None:
-    monkeypatch.delenv("LWCKPT_DIRECT_BUFFER_BYTES", raising=False)
-    if local_world_size is None:
-        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    else:
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
-    tunables = config._from_env()
-    assert tunables.piece_buffer_bytes == expected
-    assert tunables.direct_buffer_bytes == 4 << 20  # one rank writing one file keeps its 4 MiB
-
-
 def save_sharded(path: Path, state: dict[str, Any]) -> None:
     checkpoint_io = TorchCheckpointIO()
     checkpoint_io.prepare_sharded(str(path), "v-test")

@@ -8,20 +8,32 @@ from lightweight_ckpt import config
 
 
 @pytest.mark.parametrize(
-    ("local_world_size", "expected"),
-    [(None, 4), ("1", 4), ("2", 2), ("4", 2), ("8", 2), ("not-a-number", 4)],
+    ("local_world_size", "parts", "buffer_kib"),
+    [
+        (None, 4, 1024),
+        ("1", 4, 1024),
+        ("2", 2, 512),
+        ("4", 2, 512),
+        ("8", 2, 512),
+        ("not-a-number", 4, 1024),
+    ],
 )
-def test_sharded_pieces_share_the_parts_in_flight_among_a_nodes_ranks(
-    monkeypatch: pytest.MonkeyPatch, local_world_size: str | None, expected: int
+def test_sharded_pieces_share_parts_and_direct_buffers_among_a_nodes_ranks(
+    monkeypatch: pytest.MonkeyPatch, local_world_size: str | None, parts: int, buffer_kib: int
 ) -> None:
     monkeypatch.delenv("LWCKPT_PARTS_IN_FLIGHT", raising=False)
+    monkeypatch.delenv("LWCKPT_DIRECT_BUFFER_BYTES", raising=False)
     if local_world_size is None:
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     else:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
     tunables = config._from_env()
-    assert tunables.piece_parts_in_flight == expected
-    assert tunables.parts_in_flight == 4  # one rank writing one file (DDP, XLA) keeps them all
+    assert (tunables.piece_parts_in_flight, tunables.piece_buffer_bytes) == (
+        parts,
+        buffer_kib << 10,
+    )
+    # one rank writing one file (DDP, XLA) keeps all the parts and the single file's buffers
+    assert (tunables.parts_in_flight, tunables.direct_buffer_bytes) == (4, 4 << 20)
 
 
 def test_parts_in_flight_set_explicitly_is_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
