@@ -27,8 +27,8 @@ sets it), so that ranks neither multiply the node's upload memory nor compete fo
 link; a single file written by one rank (DDP, XLA) keeps all 4. ``LWCKPT_PARTS_IN_FLIGHT`` set
 explicitly applies to every upload of the process, pieces included.
 
-``LWCKPT_IO_THREADS`` is also the number of streams (one ranged GET each on S3) a remote load
-reads its records with; each holds one ``chunk_bytes`` buffer.
+``LWCKPT_IO_THREADS`` is also the number of streams (one ranged GET each on S3 and GCS) a remote
+load reads its records with; each holds one ``chunk_bytes`` buffer.
 
 ``LWCKPT_PROGRESS``: progress bars (tqdm, the ``progress`` extra) for remote uploads and
 downloads that last over a second: ``auto`` (default) when stderr is a terminal, ``on``, ``off``.

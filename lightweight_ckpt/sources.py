@@ -5,12 +5,13 @@ disk with ``preadv`` (or a private memory map), remotely through ranged GETs, ea
 own (``retries.call_with_retries``), counted on a progress bar (``progress.transfer_bar``).
 
 Bulk remote reads are *streams* (``Source.stream``): one long byte span, read in pieces of the
-caller's size. On S3 a stream is a single ranged ``GetObject`` whose body is read piece by piece
-as it arrives, so a load makes a few long-lived requests instead of one per ``chunk_bytes``
-(fewer round trips on S3; on servers that read the whole object for every ranged GET, such as
-moto, far less work). A stream cut short (reset, stall, truncated body) reopens at the first byte
-it has not delivered, within the retry policy. Other filesystems (gcsfs, ...) stream as
-successive ``cat_file`` ranges of the piece size. Small reads (the zip directory, local headers,
+caller's size. On S3 and GCS a stream is a single ranged GET whose body is read piece by piece as
+it arrives, straight into the caller's buffer, so a load makes a few long-lived requests instead
+of one per ``chunk_bytes`` (fewer round trips; on servers that read the whole object for every
+ranged GET, such as moto, far less work) and holds no whole-range ``bytes`` beside that buffer. A
+stream cut short (reset, stall, truncated body) reopens at the first byte it has not delivered,
+within the retry policy. Other filesystems stream as successive ``cat_file`` ranges of the piece
+size. Small reads (the zip directory, local headers,
 the pickle) come from 64 KiB read-ahead blocks; the file's tail (the zip directory: 1/64 of the
 file, 64 KiB to 1 MiB) is fetched once. ``SourceFile`` wraps a ``Source`` as a seekable file
 object for ``zipfile`` and ``torch.load``.
@@ -39,6 +40,8 @@ from lightweight_ckpt.progress import transfer_bar
 from lightweight_ckpt.retries import call_with_retries
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from lightweight_ckpt.location import Location
 
 
@@ -168,7 +171,7 @@ class _FsspecSource:
     (``call_with_retries``); ``readinto_at`` fetches a large buffer as ``chunk_bytes`` ranges
     on a pool of ``io_threads``, straight into its slices, so at most ``io_threads *
     chunk_bytes`` bytes are in flight whatever the buffer's size. ``stream`` opens one long
-    ranged GET on S3 (``_S3Stream``), successive ranges elsewhere.
+    ranged GET on S3 and GCS (``_S3Stream``, ``_GCSStream``), successive ranges elsewhere.
     """
 
     def __init__(self, url: str, fs: Any, path: str) -> None:
@@ -234,6 +237,8 @@ class _FsspecSource:
     def stream(self, offset: int, size: int) -> RangeStream:
         if _is_s3(self._fs):
             return _S3Stream(self, self._fs, self._path, offset, size)
+        if _is_gcs(self._fs):
+            return _GCSStream(self, self._fs, self._path, offset, size)
         return _PositionalStream(self, offset)
 
     def readinto_at(self, offset: int, buffer: memoryview) -> None:
@@ -277,29 +282,39 @@ class _FsspecSource:
 
 def _is_s3(fs: Any) -> bool:
     """True for an s3fs filesystem (it has the async ``_call_s3`` that ``_S3Stream`` needs)."""
+    return bool({"s3", "s3a"} & _protocols(fs)) and hasattr(fs, "_call_s3")
+
+
+def _is_gcs(fs: Any) -> bool:
+    """True for a gcsfs filesystem (with the session and headers ``_GCSStream`` needs)."""
+    needs = ("_set_session", "_get_headers", "_get_params", "url")
+    return bool({"gs", "gcs"} & _protocols(fs)) and all(hasattr(fs, name) for name in needs)
+
+
+def _protocols(fs: Any) -> set[str]:
     protocol = fs.protocol
-    names = (protocol,) if isinstance(protocol, str) else tuple(protocol)
-    return bool({"s3", "s3a"} & set(names)) and hasattr(fs, "_call_s3")
+    return {protocol} if isinstance(protocol, str) else set(protocol)
 
 
-class _S3Stream:
-    """One ranged ``GetObject`` whose body is read piece by piece, resumed where it broke.
+class _BodyStream:
+    """One ranged GET whose body is read piece by piece, resumed where it broke.
 
-    The body is read on s3fs's event loop into the caller's buffer (aiohttp hands it over in
-    small pieces and stops reading the socket while its own buffer is full), so the stream
-    holds no more than the caller's buffer. A failure mid-way (reset, read timeout, a body cut
-    short) closes the response and, within the retry policy, opens a new GET for the bytes not
-    yet delivered.
+    The body is read on the client's event loop into the caller's buffer (aiohttp hands it over
+    in small pieces and stops reading the socket while its own buffer is full), so the stream
+    holds no more than the caller's buffer: no whole-range ``bytes`` as ``cat_file`` returns,
+    built from a list of chunks and then copied. A failure mid-way (reset, read timeout, a body
+    cut short) closes the response and, within the retry policy, opens a new GET for the bytes
+    not yet delivered. Subclasses open the GET (``_open``: the body to read, and how to close it).
     """
 
     def __init__(self, source: _FsspecSource, fs: Any, path: str, offset: int, size: int) -> None:
         self._source = source
-        self._loop = fs.loop
-        self._call_s3 = fs._call_s3
-        self._bucket, _, self._key = path.partition("/")
+        self._fs = fs
+        self._path = path
         self._pos = offset
         self._end = offset + size
         self._body: Any = None
+        self._close_body: Callable[[], object] | None = None
 
     def readinto(self, buffer: memoryview) -> None:
         if self._pos + len(buffer) > min(self._end, self._source.size):
@@ -313,8 +328,8 @@ class _S3Stream:
             done = [0]
             try:
                 if self._body is None:
-                    self._body = sync(self._loop, self._open)
-                sync(self._loop, _read_body, self._body, rest, done)
+                    self._body, self._close_body = sync(self._fs.loop, self._open)
+                sync(self._fs.loop, _read_body, self._body, rest, done)
             except BaseException:
                 self.close()  # the next attempt opens a new GET from the first byte not read
                 raise
@@ -325,20 +340,79 @@ class _S3Stream:
 
         call_with_retries(self._source.url, "reading", attempt)
 
-    async def _open(self) -> Any:
-        response = await self._call_s3(
-            "get_object",
-            Bucket=self._bucket,
-            Key=self._key,
-            Range=f"bytes={self._pos}-{self._end - 1}",
-        )
-        return response["Body"]
+    async def _open(self) -> tuple[Any, Callable[[], object]]:
+        raise NotImplementedError
 
     def close(self) -> None:
-        body, self._body = self._body, None
-        if body is not None:
+        close, self._body, self._close_body = self._close_body, None, None
+        if close is not None:
             with contextlib.suppress(Exception):
-                body.close()
+                close()
+
+
+class _S3Stream(_BodyStream):
+    """A stream as one ranged ``GetObject`` (s3fs's client, its retries and timeouts)."""
+
+    async def _open(self) -> tuple[Any, Callable[[], object]]:
+        bucket, _, key = self._path.partition("/")
+        response = await self._fs._call_s3(
+            "get_object", Bucket=bucket, Key=key, Range=f"bytes={self._pos}-{self._end - 1}"
+        )
+        body = response["Body"]
+        return body, body.close
+
+
+class _GCSStream(_BodyStream):
+    """A stream as one ranged media download on gcsfs's own session, with its credentials.
+
+    Read timeouts are per read (``sock_read``), never a total over the whole span, which a
+    long span would exceed; the storage options' ``requests_timeout`` gives their length.
+    """
+
+    async def _open(self) -> tuple[Any, Callable[[], object]]:
+        fs = self._fs
+        await fs._set_session()
+        response = await fs.session.get(
+            url=fs.url(self._path),
+            params=fs._get_params({}),
+            headers=fs._get_headers({"Range": f"bytes={self._pos}-{self._end - 1}"}),
+            timeout=_stream_timeout(fs.requests_timeout),
+        )
+        try:
+            await _check_ranged_answer(response, self._path, self._pos)
+        except BaseException:
+            response.close()
+            raise
+        return response.content, response.close
+
+
+async def _check_ranged_answer(response: Any, path: str, offset: int) -> None:
+    """Raise gcsfs's error for an HTTP error; a reset for a whole object sent for a range."""
+    from gcsfs.retry import validate_response  # noqa: PLC0415 - gcsfs is optional
+
+    if response.status >= 400:  # noqa: PLR2004 - HTTP errors
+        validate_response(response.status, await response.read(), path)
+    if response.status != 206 and offset != 0:  # noqa: PLR2004 - Partial Content
+        raise ConnectionResetError(f"asked for bytes {offset}- and got status {response.status}")
+
+
+def _stream_timeout(requests_timeout: Any) -> Any:
+    """The aiohttp timeouts of a long download: gcsfs's connect and read limits, no total."""
+    import aiohttp  # noqa: PLC0415 - gcsfs's transport, optional like gcsfs
+
+    if isinstance(requests_timeout, aiohttp.ClientTimeout):
+        return aiohttp.ClientTimeout(
+            total=None,
+            connect=requests_timeout.connect,
+            sock_connect=requests_timeout.sock_connect,
+            sock_read=requests_timeout.sock_read,
+        )
+    seconds = (
+        float(requests_timeout)
+        if isinstance(requests_timeout, int | float)
+        else settings().request_timeout_s
+    )
+    return aiohttp.ClientTimeout(total=None, sock_connect=seconds, sock_read=seconds)
 
 
 _BODY_READ_BYTES = 1 << 20  # aiohttp joins what it buffered into one bytes object of this size

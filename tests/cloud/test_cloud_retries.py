@@ -265,21 +265,21 @@ def test_lasting_fault_during_verify_leaves_the_state_untouched(proxied: Proxied
     assert target["step"] == 0
 
 
-def test_lasting_fault_during_fill_says_the_state_is_partial(proxied_s3: Proxied) -> None:
+def test_lasting_fault_during_fill_says_the_state_is_partial(proxied: Proxied) -> None:
     """After verification the bound tensors are read again, into the targets.
 
     A fault that outlasts the retries there cannot be undone (no second copy is kept, by
     design): the error says so. Without a spool (``LWCKPT_SPOOL_DIR=none``), so that the fill
     pass reads from the store again. One I/O thread: the verify pass is one stream.
     """
-    url = proxied_s3.store.url("last.ckpt")
-    _save_direct(proxied_s3, url)
+    url = proxied.store.url("last.ckpt")
+    _save_direct(proxied, url)
     verify_reads = 1  # one stream over every record
-    proxied_s3.proxy.add(Fault("status", skip=verify_reads, times=None, **DATA_GET))
+    proxied.proxy.add(Fault("status", skip=verify_reads, times=None, **DATA_GET))
     target = fresh_like(make_state(WIDTH), width=WIDTH)
 
     with override(spool_dir="none", io_threads=1), pytest.raises(CheckpointReadError) as info:
-        Fabric().load(url, target, storage_options=proxied_s3.options)
+        Fabric().load(url, target, storage_options=proxied.options)
 
     assert "reading into the targets then failed" in str(info.value)
     assert url in str(info.value)
@@ -336,7 +336,7 @@ def test_missing_credentials(store: Store) -> None:
 
 @pytest.mark.parametrize("spool", [True, False], ids=["spooled", "no-spool"])
 def test_in_place_load_streams_each_byte_once_in_a_few_requests(
-    proxied_s3: Proxied, spool: bool
+    proxied: Proxied, spool: bool
 ) -> None:
     """The ranged in-place path: a few long streams, each byte fetched once (twice without spool).
 
@@ -345,19 +345,19 @@ def test_in_place_load_streams_each_byte_once_in_a_few_requests(
     passed. Without a spool (``LWCKPT_SPOOL_DIR=none``) the fill streams the bound records again.
     The index (zip tail, local headers, pickle) takes small reads.
     """
-    url = proxied_s3.store.url("last.ckpt")
-    state = _save_direct(proxied_s3, url)
-    size = proxied_s3.store.fs.size(proxied_s3.store.path("last.ckpt"))
+    url = proxied.store.url("last.ckpt")
+    state = _save_direct(proxied, url)
+    size = proxied.store.fs.size(proxied.store.path("last.ckpt"))
     target = fresh_like(make_state(WIDTH), width=WIDTH)
     assert_states_differ(target, state)
     pointers = [p.data_ptr() for p in target["model"].parameters()]
 
     with override(spool_dir="" if spool else "none", io_threads=2):
-        Fabric().load(url, target, storage_options=proxied_s3.options)
+        Fabric().load(url, target, storage_options=proxied.options)
 
     assert_states_equal(target, state)
     assert [p.data_ptr() for p in target["model"].parameters()] == pointers
-    sizes = [size for method, _, size, _ in proxied_s3.proxy.requests if method == "GET"]
+    sizes = [size for method, _, size, _ in proxied.proxy.requests if method == "GET"]
     streams = [s for s in sizes if s > MIB]  # more than the zip tail
     bound = 3 * WIDTH * WIDTH * 4  # fc1 weight + 2 AdamW moments
     passes = 1 if spool else 2
