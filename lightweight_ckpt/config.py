@@ -43,7 +43,9 @@ turns it off: everything is written back at the fsync).
 new or reused) around the page cache (``O_DIRECT``, from two aligned buffers, one filled while a
 writer thread writes the other) where the filesystem allows it, so a save allocates no page cache
 and evicts none of the caller's; ``off`` writes through the page cache, written behind as above
-(as do filesystems refusing ``O_DIRECT``). The two buffers are all the memory a direct save adds.
+(as do filesystems refusing ``O_DIRECT``). The two buffers are all the memory a direct save adds,
+and they are kept for the process's next save (at most two files' worth: a single file's and a
+piece's), so a run's later saves add none.
 A single file's buffers are 4 MiB each; the pieces of a sharded save, which every rank of a node
 writes at once (so the disk has a request from each rank in flight), share 1 MiB among the node's
 ranks, at least 512 KiB each (``piece_buffer_bytes``: ``max(512 KiB, 1 MiB // LOCAL_WORLD_SIZE)``).

@@ -6,7 +6,9 @@ and the sharded format's piece streams use them.
 - ``DirectFile``: bytes gather in page-aligned buffers and each full buffer goes to the disk in
   one ``O_DIRECT`` write by a writer thread, while the caller fills the next buffer. No page
   cache is allocated (on some machines the slowest part of a save) and none of the caller's
-  cached data is evicted; the disk writes while tensors are still being serialized.
+  cached data is evicted; the disk writes while tensors are still being serialized. The buffers
+  go back to a small pool when the file closes (``_BufferPool``: two files' worth), so a run's
+  later saves write from the same memory instead of mapping and faulting in new buffers.
 - ``WriteBehind``: for a file that goes through the page cache (a filesystem that refuses
   ``O_DIRECT``, or ``LWCKPT_DIRECT_IO=off``), every ``write_behind_bytes`` the disk is asked to
   start on the new bytes, so the final fsync finds little left to write.
@@ -31,6 +33,7 @@ import io
 import mmap
 import os
 import sys
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -110,6 +113,60 @@ class _WriteBehindFile(io.FileIO):
 
 _DIRECT_ALIGN = 4096  # offsets, lengths and buffer addresses of O_DIRECT writes
 _DIRECT_BUFFERS = 2  # one being filled by the caller, one being written by the writer thread
+
+
+def _map(size: int) -> mmap.mmap:
+    """A new page-aligned buffer: private, so a forked child writes into copies of its own."""
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+
+
+class _BufferPool:
+    """Direct-I/O buffers kept from one save for the next.
+
+    A run saves every so often; without the pool each save maps its buffers afresh, faults in
+    every page and unmaps them at the end, so a steady-state save adds their size to the
+    process's memory each time instead of reusing it. At most ``kept`` buffers stay mapped (two
+    files' worth: a single file's and a sharded piece's), the most recently returned first. A
+    forked child starts with an empty pool (its copies of the parent's buffers are dropped).
+    """
+
+    def __init__(self, kept: int) -> None:
+        self._kept = kept
+        self._lock = threading.Lock()
+        self._free: list[mmap.mmap] = []
+
+    def take(self, size: int) -> mmap.mmap:
+        """A kept buffer of ``size`` bytes, else a new one."""
+        with self._lock:
+            for index in range(len(self._free) - 1, -1, -1):
+                if len(self._free[index]) == size:
+                    return self._free.pop(index)
+        return _map(size)
+
+    def give(self, buffer: mmap.mmap) -> None:
+        """Keep ``buffer`` for a later file; unmap the oldest beyond ``kept``."""
+        with self._lock:
+            self._free.append(buffer)
+            dropped = self._free[: -self._kept]
+            del self._free[: -self._kept]
+        for old in dropped:
+            with contextlib.suppress(BufferError):  # still referenced: the collector unmaps it
+                old.close()
+
+    def kept(self) -> list[mmap.mmap]:
+        """The buffers kept now, oldest first."""
+        with self._lock:
+            return list(self._free)
+
+    def forget(self) -> None:
+        """Start empty (in a forked child, whose lock may have been held by another thread)."""
+        self._lock = threading.Lock()
+        self._free = []
+
+
+_POOL = _BufferPool(kept=2 * _DIRECT_BUFFERS)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_POOL.forget)
 
 
 class DirectFile:
@@ -218,7 +275,7 @@ class DirectFile:
             self._writes[index] = None
             pending.result()  # raises the writer's error here, in the caller
         if index == len(self._buffers):
-            self._buffers.append(mmap.mmap(-1, self._size))
+            self._buffers.append(_POOL.take(self._size))
             self._views.append(memoryview(self._buffers[index]))
         return self._views[index]
 
@@ -261,12 +318,10 @@ class DirectFile:
         self._direct = False
 
     def _free(self) -> None:
-        # a failed write's traceback may still hold a slice of a buffer: then the garbage
-        # collector frees it once that traceback is gone
+        # back to the pool for the next file (no write is in flight any more: ``_close`` waited)
         for view, buffer in zip(self._views, self._buffers, strict=True):
-            with contextlib.suppress(BufferError):
-                view.release()
-                buffer.close()
+            view.release()
+            _POOL.give(buffer)
 
 
 def _flags(fd: int) -> int:

@@ -17,11 +17,12 @@ import errno
 import fcntl
 import io
 import mmap
+import multiprocessing
 import os
 import threading
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -35,6 +36,9 @@ from lightweight_ckpt.formats.dcp_calls import without_torch_crc32
 from lightweight_ckpt.io import TorchCheckpointIO
 from lightweight_ckpt.strategies import FSDPStrategy
 from tests.strategies.test_sharded_faults import assert_commit_complete
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 linux_only = pytest.mark.skipif(
     local_files._SYNC_FILE_RANGE is None, reason="sync_file_range is Linux-only"
@@ -374,6 +378,81 @@ def test_sharded_pieces_new_and_reused_are_written_around_the_page_cache(
     assert pieces[2].st_ino == pieces[0].st_ino  # the third save wrote over the first's file
     assert pieces[2].st_size < pieces[0].st_size  # ... and cut off the rest of the old content
     fabric.teardown()
+
+
+@pytest.fixture
+def empty_pool() -> Iterator[local_files._BufferPool]:
+    local_files._POOL.forget()
+    yield local_files._POOL
+    local_files._POOL.forget()
+
+
+def test_a_runs_repeated_saves_reuse_their_buffers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_pool: local_files._BufferPool
+) -> None:
+    """The second save maps no new memory: it writes from the buffers the first one used."""
+    mapped: list[int] = []
+    real_map = local_files._map
+
+    def counted(size: int) -> mmap.mmap:
+        mapped.append(size)
+        return real_map(size)
+
+    monkeypatch.setattr(local_files, "_map", counted)
+    path = tmp_path / "last.ckpt"
+    with config.override(direct_buffer_bytes=1 << 20):
+        Fabric().save(path, big_state(8))
+        assert mapped == [1 << 20, 1 << 20]  # both buffers of the first save are new
+        kept = empty_pool.kept()
+        assert [len(buffer) for buffer in kept] == [1 << 20, 1 << 20]
+        second = {k: v + 1 for k, v in big_state(8).items()}
+        Fabric().save(path, second)
+    assert len(mapped) == 2  # the second save took both from the pool ...
+    assert {id(b) for b in empty_pool.kept()} == {id(b) for b in kept}  # ... and gave them back
+    loaded = Fabric().load(path)
+    assert all(torch.equal(loaded[k], v) for k, v in second.items())
+
+
+def test_the_pool_keeps_two_files_worth(empty_pool: local_files._BufferPool) -> None:
+    for size in (1, 2, 3):  # three files' buffers of three sizes, returned in turn
+        empty_pool.give(local_files._map(size << 20))
+        empty_pool.give(local_files._map(size << 20))
+    assert [len(buffer) >> 20 for buffer in empty_pool.kept()] == [2, 2, 3, 3]  # newest kept
+    assert len(empty_pool.take(1 << 20)) == 1 << 20  # not kept: a new one
+    assert len(empty_pool.kept()) == 4
+
+
+def _save_in_child(path: str, state: dict[str, Any], parents: list[int], result: Any) -> None:
+    inherited = len(local_files._POOL.kept())
+    with config.override(direct_buffer_bytes=1 << 20):
+        Fabric().save(path, state)  # no torch ops here: OpenMP may hang in a forked child
+    result.put((inherited, [id(b) for b in local_files._POOL.kept()] != parents))
+
+
+def test_a_forked_child_starts_with_an_empty_pool_and_saves(
+    tmp_path: Path, empty_pool: local_files._BufferPool
+) -> None:
+    """The parent's kept buffers are not the child's: both may save at once after a fork."""
+    with config.override(direct_buffer_bytes=1 << 20):
+        Fabric().save(tmp_path / "parent.ckpt", big_state(8))
+    parents = empty_pool.kept()
+    assert len(parents) == 2
+    childs = {k: v * 2 for k, v in big_state(8).items()}
+    context = multiprocessing.get_context("fork")
+    result = context.Queue()
+    child = context.Process(
+        target=_save_in_child,
+        args=(str(tmp_path / "child.ckpt"), childs, [id(b) for b in parents], result),
+    )
+    child.start()
+    inherited, fresh = result.get(timeout=60)
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert inherited == 0
+    assert fresh
+    assert empty_pool.kept() == parents  # the parent's pool is untouched
+    loaded = Fabric().load(tmp_path / "child.ckpt")
+    assert all(torch.equal(loaded[k], v) for k, v in childs.items())
 
 
 def test_direct_io_reads_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
