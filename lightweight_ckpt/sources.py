@@ -11,10 +11,9 @@ of one per ``chunk_bytes`` (fewer round trips; on servers that read the whole ob
 ranged GET, such as moto, far less work) and holds no whole-range ``bytes`` beside that buffer. A
 stream cut short (reset, stall, truncated body) reopens at the first byte it has not delivered,
 within the retry policy. Other filesystems stream as successive ``cat_file`` ranges of the piece
-size. Small reads (the zip directory, local headers,
-the pickle) come from 64 KiB read-ahead blocks; the file's tail (the zip directory: 1/64 of the
-file, 64 KiB to 1 MiB) is fetched once. ``SourceFile`` wraps a ``Source`` as a seekable file
-object for ``zipfile`` and ``torch.load``.
+size. Small reads (the zip directory, local headers, the pickle) come from 64 KiB read-ahead
+blocks; the file's tail (the zip directory: 1/64 of the file, 64 KiB to 1 MiB) is fetched once.
+``SourceFile`` wraps a ``Source`` as a seekable file object for ``zipfile`` and ``torch.load``.
 """
 
 from __future__ import annotations
