@@ -303,7 +303,9 @@ class _BodyStream:
     holds no more than the caller's buffer: no whole-range ``bytes`` as ``cat_file`` returns,
     built from a list of chunks and then copied. A failure mid-way (reset, read timeout, a body
     cut short) closes the response and, within the retry policy, opens a new GET for the bytes
-    not yet delivered. Subclasses open the GET (``_open``: the body to read, and how to close it).
+    not yet delivered; so does an answer that is not the range asked for (a server, or a proxy on
+    the way, sending the whole object), which is never read as the range. Subclasses open the GET
+    (``_open``: the body to read, how to close it, and the answer's HTTP status).
     """
 
     def __init__(self, source: _FsspecSource, fs: Any, path: str, offset: int, size: int) -> None:
@@ -327,7 +329,11 @@ class _BodyStream:
             done = [0]
             try:
                 if self._body is None:
-                    self._body, self._close_body = sync(self._fs.loop, self._open)
+                    self._body, self._close_body, status = sync(self._fs.loop, self._open)
+                    if status != _PARTIAL_CONTENT and self._pos != 0:
+                        raise ConnectionResetError(  # noqa: TRY301 - retried like a reset
+                            f"asked for bytes {self._pos}- and got status {status}, not a range"
+                        )
                 sync(self._fs.loop, _read_body, self._body, rest, done)
             except BaseException:
                 self.close()  # the next attempt opens a new GET from the first byte not read
@@ -339,7 +345,7 @@ class _BodyStream:
 
         call_with_retries(self._source.url, "reading", attempt)
 
-    async def _open(self) -> tuple[Any, Callable[[], object]]:
+    async def _open(self) -> tuple[Any, Callable[[], object], int]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -352,13 +358,13 @@ class _BodyStream:
 class _S3Stream(_BodyStream):
     """A stream as one ranged ``GetObject`` (s3fs's client, its retries and timeouts)."""
 
-    async def _open(self) -> tuple[Any, Callable[[], object]]:
+    async def _open(self) -> tuple[Any, Callable[[], object], int]:
         bucket, _, key = self._path.partition("/")
         response = await self._fs._call_s3(
             "get_object", Bucket=bucket, Key=key, Range=f"bytes={self._pos}-{self._end - 1}"
         )
         body = response["Body"]
-        return body, body.close
+        return body, body.close, int(response["ResponseMetadata"]["HTTPStatusCode"])
 
 
 class _GCSStream(_BodyStream):
@@ -368,7 +374,7 @@ class _GCSStream(_BodyStream):
     long span would exceed; the storage options' ``requests_timeout`` gives their length.
     """
 
-    async def _open(self) -> tuple[Any, Callable[[], object]]:
+    async def _open(self) -> tuple[Any, Callable[[], object], int]:
         fs = self._fs
         await fs._set_session()
         response = await fs.session.get(
@@ -377,22 +383,14 @@ class _GCSStream(_BodyStream):
             headers=fs._get_headers({"Range": f"bytes={self._pos}-{self._end - 1}"}),
             timeout=_stream_timeout(fs.requests_timeout),
         )
-        try:
-            await _check_ranged_answer(response, self._path, self._pos)
-        except BaseException:
-            response.close()
-            raise
-        return response.content, response.close
+        if response.status >= 400:  # noqa: PLR2004 - HTTP errors: gcsfs's own exceptions
+            from gcsfs.retry import validate_response  # noqa: PLC0415 - gcsfs is optional
 
-
-async def _check_ranged_answer(response: Any, path: str, offset: int) -> None:
-    """Raise gcsfs's error for an HTTP error; a reset for a whole object sent for a range."""
-    from gcsfs.retry import validate_response  # noqa: PLC0415 - gcsfs is optional
-
-    if response.status >= 400:  # noqa: PLR2004 - HTTP errors
-        validate_response(response.status, await response.read(), path)
-    if response.status != 206 and offset != 0:  # noqa: PLR2004 - Partial Content
-        raise ConnectionResetError(f"asked for bytes {offset}- and got status {response.status}")
+            try:
+                validate_response(response.status, await response.read(), self._path)
+            finally:
+                response.close()
+        return response.content, response.close, response.status
 
 
 def _stream_timeout(requests_timeout: Any) -> Any:
@@ -414,6 +412,7 @@ def _stream_timeout(requests_timeout: Any) -> Any:
     return aiohttp.ClientTimeout(total=None, sock_connect=seconds, sock_read=seconds)
 
 
+_PARTIAL_CONTENT = 206
 _BODY_READ_BYTES = 1 << 20  # aiohttp joins what it buffered into one bytes object of this size
 
 

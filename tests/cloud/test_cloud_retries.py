@@ -149,6 +149,20 @@ def test_transient_fault_during_load_is_retried(proxied: Proxied, kind: str) -> 
     assert target["step"] == state["step"]
 
 
+def test_a_whole_object_sent_for_a_range_is_never_read_as_the_range(proxied: Proxied) -> None:
+    """A data stream answered with the whole object (200, no range) is retried, not misread."""
+    url = proxied.store.url("last.ckpt")
+    state = _save_direct(proxied, url)
+    fault = proxied.proxy.add(Fault("unranged", **DATA_GET))
+    target = fresh_like(make_state(WIDTH), width=WIDTH)
+    assert_states_differ(target, state)
+
+    Fabric().load(url, target, storage_options=proxied.options)
+
+    assert fault.hits == 1
+    assert_states_equal(target, state)
+
+
 def test_retries_are_logged_with_the_url(
     proxied_s3: Proxied, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -12,8 +12,10 @@ rules, matched in order against each request's method and path:
 Kinds: ``drop`` closes the connection as soon as the request has arrived (no response at all);
 ``stall`` holds it open without answering for ``stall_s``, then closes; ``truncate`` forwards the
 request and relays only the first ``truncate_bytes`` of the response before closing; ``status``
-answers with ``status`` (503, 500, ...) itself. ``skip`` lets that many matching requests pass
-first; ``times`` bounds how many it hits (None: every one after, a persistent fault).
+answers with ``status`` (503, 500, ...) itself; ``unranged`` forwards the request without its
+``Range`` header, so the server sends the whole object (as one that ignores ranges would).
+``skip`` lets that many matching requests pass first; ``times`` bounds how many it hits (None:
+every one after, a persistent fault).
 Nothing here listens anywhere but 127.0.0.1.
 """
 
@@ -36,7 +38,7 @@ _IO_TIMEOUT_S = 30.0
 class Fault:
     """One rule: what to do to which requests (see the module docstring)."""
 
-    kind: str  # "drop" | "stall" | "truncate" | "status"
+    kind: str  # "drop" | "stall" | "truncate" | "status" | "unranged"
     method: str | None = None
     path: str | None = None  # a regular expression searched in the request target
     min_range_bytes: int = 0  # only ranged reads (``Range: bytes=a-b``) at least this long
@@ -136,6 +138,8 @@ class FaultProxy:
             if fault is None or fault.kind == "truncate":
                 limit = fault.truncate_bytes if fault else None
                 self._forward(client, _close_after(head), body, limit)
+            elif fault.kind == "unranged":
+                self._forward(client, _close_after(head, drop=(b"range:",)), body, None)
             elif fault.kind == "status":
                 reason = b"Service Unavailable" if fault.status == 503 else b"Error"
                 # an answer to HEAD has headers only (a body there is a protocol error)
@@ -208,11 +212,15 @@ def _range_bytes(head: bytes) -> int:
     return int(match[2]) - int(match[1]) + 1 if match else 0
 
 
-def _close_after(head: bytes) -> bytes:
-    """Rewrite the request head so that the server closes the connection after answering."""
+def _close_after(head: bytes, drop: tuple[bytes, ...] = ()) -> bytes:
+    """Rewrite the request head so that the server closes the connection after answering.
+
+    ``drop``: more headers to leave out (lower-case names with their colon).
+    """
+    dropped = (b"connection:", b"keep-alive:", b"expect:", *drop)
     lines = [
         line
         for line in head[: -len(_HEAD_END)].split(b"\r\n")
-        if not line.lower().startswith((b"connection:", b"keep-alive:", b"expect:"))
+        if not line.lower().startswith(dropped)
     ]
     return b"\r\n".join([*lines, b"Connection: close"]) + _HEAD_END

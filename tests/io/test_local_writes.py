@@ -387,6 +387,7 @@ def empty_pool() -> Iterator[local_files._BufferPool]:
     local_files._POOL.forget()
 
 
+@direct_only
 def test_a_runs_repeated_saves_reuse_their_buffers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_pool: local_files._BufferPool
 ) -> None:
@@ -429,6 +430,7 @@ def _save_in_child(path: str, state: dict[str, Any], parents: list[int], result:
     result.put((inherited, [id(b) for b in local_files._POOL.kept()] != parents))
 
 
+@direct_only
 def test_a_forked_child_starts_with_an_empty_pool_and_saves(
     tmp_path: Path, empty_pool: local_files._BufferPool
 ) -> None:
