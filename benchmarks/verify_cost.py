@@ -9,7 +9,11 @@ Cases (one ~1 GB training state: ``Linear(2048, 2048)`` layers + AdamW moments, 
   created by the load (each 1 MiB piece hashed right after it is read);
 
 each with a warm page cache (the file just read) and a cold one (the file evicted with
-``posix_fadvise(DONTNEED)`` after an ``fsync``, as when a job resumes).
+``posix_fadvise(DONTNEED)`` after an ``fsync``, as when a job resumes); and
+
+- ``resume``: what a job restarting after preemption does, in a new process for every load: a
+  freshly built model (loaded in place) and an optimizer with no state yet, a cold page cache.
+  Only ``Fabric.load`` is timed, in the new process.
 
 "Unverified" replaces the two functions that hash (``torch_file.crc_of_map`` and
 ``torch_file.crc_into``) with ones that read the same bytes the same way without hashing, so the
@@ -33,6 +37,7 @@ from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _PIECE = 1 << 20
+_ROWS = [(c, k) for c in ("in place", "fresh") for k in ("warm", "cold")] + [("resume", "cold")]
 
 
 def build(size_mb: float, seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -93,13 +98,32 @@ def timed_load(path: Path, case: str, cache: str, size_mb: float, live: dict[str
     return time.perf_counter() - start
 
 
+def resume_worker(path: Path, size_mb: float, verified: bool, result: Path) -> int:
+    """One ``resume`` load in this (new) process; writes ``{"seconds": ...}`` to ``result``."""
+    from lightweight_ckpt import Fabric
+
+    model, optimizer = build(size_mb, seed=1)
+    optimizer.state.clear()
+    checks(verified)
+    harness.drop_page_cache(path)
+    start = time.perf_counter()
+    Fabric().load(path, {"model": model, "optimizer": optimizer})
+    harness.write_result(result, {"seconds": time.perf_counter() - start})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--size-mb", type=float, default=1000.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=None, help="scratch dir (default: repo)")
+    parser.add_argument("--resume-worker", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--verified", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO_ROOT))
+    if args.resume_worker is not None:
+        return resume_worker(args.resume_worker, args.size_mb, bool(args.verified), args.result)
     from lightweight_ckpt import Fabric
 
     with harness.scratch_dir(args.dir, REPO_ROOT) as scratch:
@@ -116,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
                         checks(verified)
                         seconds = timed_load(path, case, cache, args.size_mb, live)
                         times.setdefault((case, cache, verified), []).append(seconds)
+            for verified in (True, False):
+                worker = ["--resume-worker", str(path), "--size-mb", str(args.size_mb)]
+                result = harness.run_worker(__file__, [*worker, "--verified", str(int(verified))])
+                times.setdefault(("resume", "cold", verified), []).append(result["seconds"])
         checks(True)
         size = path.stat().st_size
     print(
@@ -128,20 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         v = values
         return f"{harness.median(v):.3f} ({min(v):.3f}-{max(v):.3f})"
 
-    for case in ("in place", "fresh"):
-        for cache in ("warm", "cold"):
-            on, off = times[(case, cache, True)], times[(case, cache, False)]
-            cost = harness.median(on) - harness.median(off)
-            rows.append(
-                [
-                    case,
-                    cache,
-                    spread(on),
-                    spread(off),
-                    f"{cost:.3f}",
-                    f"{100 * cost / harness.median(on):.0f}%",
-                ]
-            )
+    for case, cache in _ROWS:
+        on, off = times[(case, cache, True)], times[(case, cache, False)]
+        cost = harness.median(on) - harness.median(off)
+        share = f"{100 * cost / harness.median(on):.0f}%"
+        rows.append([case, cache, spread(on), spread(off), f"{cost:.3f}", share])
     headers = ["load", "cache", "verified s", "unverified s", "verification s", "share of load"]
     print(harness.markdown_table(headers, rows))
     return 0
