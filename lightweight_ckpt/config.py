@@ -46,7 +46,8 @@ and evicts none of the caller's; ``off`` writes through the page cache, written 
 (as do filesystems refusing ``O_DIRECT``). The two buffers are all the memory a direct save adds,
 and they are kept for the process's next save (at most two files' worth: a single file's and a
 piece's), so a run's later saves add none.
-A single file's buffers are 4 MiB each; the pieces of a sharded save, which every rank of a node
+A single file's buffers are 4 MiB each (on transparent huge pages where the kernel has them: one
+request to the disk per write); the pieces of a sharded save, which every rank of a node
 writes at once (so the disk has a request from each rank in flight), share 1 MiB among the node's
 ranks, at least 512 KiB each (``piece_buffer_bytes``: ``max(512 KiB, 1 MiB // LOCAL_WORLD_SIZE)``).
 ``LWCKPT_DIRECT_BUFFER_BYTES`` set explicitly sizes every direct file's buffers, pieces included.

@@ -8,7 +8,8 @@ and the sharded format's piece streams use them.
   cache is allocated (on some machines the slowest part of a save) and none of the caller's
   cached data is evicted; the disk writes while tensors are still being serialized. The buffers
   go back to a small pool when the file closes (``_BufferPool``: two files' worth), so a run's
-  later saves write from the same memory instead of mapping and faulting in new buffers.
+  later saves write from the same memory instead of mapping and faulting in new buffers. Buffers
+  of 2 MiB or more sit on huge pages where the kernel allows (``_Buffer``): one request each.
 - ``WriteBehind``: for a file that goes through the page cache (a filesystem that refuses
   ``O_DIRECT``, or ``LWCKPT_DIRECT_IO=off``), every ``write_behind_bytes`` the disk is asked to
   start on the new bytes, so the final fsync finds little left to write.
@@ -115,9 +116,55 @@ _DIRECT_ALIGN = 4096  # offsets, lengths and buffer addresses of O_DIRECT writes
 _DIRECT_BUFFERS = 2  # one being filled by the caller, one being written by the writer thread
 
 
-def _map(size: int) -> mmap.mmap:
-    """A new page-aligned buffer: private, so a forked child writes into copies of its own."""
-    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+_HUGE_PAGE_BYTES = 2 << 20
+
+
+class _Buffer:
+    """One direct-I/O buffer: ``view`` is ``size`` page-aligned bytes of a private mapping.
+
+    Private, so a forked child writes into copies of its own. A buffer of 2 MiB or more starts
+    on a 2 MiB boundary (the mapping is 2 MiB longer; the spare tail is never touched) and asks
+    for transparent huge pages (``MADV_HUGEPAGE``). A direct write is a list of the buffer's
+    physical pages: from 4 KiB pages a 4 MiB write has 1,024 segments, which the block layer
+    splits into several requests (``max_segments``: 254 on this project's virtio disk); from
+    2 MiB pages it has two, one request. On that disk, 1.5 GB of 4 MiB direct writes took 1.4-2.6 s
+    from 4 KiB pages and 0.51-0.55 s from huge pages. Where the kernel has no huge pages the
+    advice fails and the buffer works as before.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        huge = size >= _HUGE_PAGE_BYTES and hasattr(mmap, "MADV_HUGEPAGE")
+        spare = _HUGE_PAGE_BYTES if huge else 0
+        self._mapping = mmap.mmap(-1, size + spare, flags=mmap.MAP_PRIVATE)
+        start = -_address(self._mapping) % _HUGE_PAGE_BYTES if huge else 0
+        if huge:
+            with contextlib.suppress(OSError):  # a kernel without transparent huge pages
+                self._mapping.madvise(mmap.MADV_HUGEPAGE, start, size)
+        self._whole = memoryview(self._mapping)
+        self.view = self._whole[start : start + size]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def close(self) -> None:
+        """Unmap; raises ``BufferError`` while a slice of ``view`` is still referenced."""
+        self.view.release()
+        self._whole.release()
+        self._mapping.close()
+
+
+def _address(mapping: mmap.mmap) -> int:
+    anchor = ctypes.c_char.from_buffer(mapping)
+    try:
+        return ctypes.addressof(anchor)
+    finally:
+        del anchor  # drop the export, or the mapping could not be closed
+
+
+def _map(size: int) -> _Buffer:
+    """A new buffer of ``size`` bytes (``_Buffer``)."""
+    return _Buffer(size)
 
 
 class _BufferPool:
@@ -133,9 +180,9 @@ class _BufferPool:
     def __init__(self, kept: int) -> None:
         self._kept = kept
         self._lock = threading.Lock()
-        self._free: list[mmap.mmap] = []
+        self._free: list[_Buffer] = []
 
-    def take(self, size: int) -> mmap.mmap:
+    def take(self, size: int) -> _Buffer:
         """A kept buffer of ``size`` bytes, else a new one."""
         with self._lock:
             for index in range(len(self._free) - 1, -1, -1):
@@ -143,7 +190,7 @@ class _BufferPool:
                     return self._free.pop(index)
         return _map(size)
 
-    def give(self, buffer: mmap.mmap) -> None:
+    def give(self, buffer: _Buffer) -> None:
         """Keep ``buffer`` for a later file; unmap the oldest beyond ``kept``."""
         with self._lock:
             self._free.append(buffer)
@@ -153,7 +200,7 @@ class _BufferPool:
             with contextlib.suppress(BufferError):  # still referenced: the collector unmaps it
                 old.close()
 
-    def kept(self) -> list[mmap.mmap]:
+    def kept(self) -> list[_Buffer]:
         """The buffers kept now, oldest first."""
         with self._lock:
             return list(self._free)
@@ -191,7 +238,7 @@ class DirectFile:
         self._cut_on_close = cut_on_close
         self._behind = WriteBehind(self)  # only used once the file is buffered
         self._size = max(_DIRECT_ALIGN, buffer_bytes - buffer_bytes % _DIRECT_ALIGN)
-        self._buffers: list[mmap.mmap] = []  # allocated as needed: a small file uses one
+        self._buffers: list[_Buffer] = []  # allocated as needed: a small file uses one
         self._views: list[memoryview] = []
         self._writes: list[Future[None] | None] = [None] * _DIRECT_BUFFERS
         self._writer: ThreadPoolExecutor | None = None  # started when a first buffer fills
@@ -276,7 +323,7 @@ class DirectFile:
             pending.result()  # raises the writer's error here, in the caller
         if index == len(self._buffers):
             self._buffers.append(_POOL.take(self._size))
-            self._views.append(memoryview(self._buffers[index]))
+            self._views.append(self._buffers[index].view)
         return self._views[index]
 
     def _hand_over(self) -> None:
@@ -319,9 +366,9 @@ class DirectFile:
 
     def _free(self) -> None:
         # back to the pool for the next file (no write is in flight any more: ``_close`` waited)
-        for view, buffer in zip(self._views, self._buffers, strict=True):
-            view.release()
+        for buffer in self._buffers:
             _POOL.give(buffer)
+        self._views.clear()
 
 
 def _flags(fd: int) -> int:

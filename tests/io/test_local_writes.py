@@ -13,8 +13,10 @@ pieces' records hold ours, and the setting is the user's again afterwards.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
+import gc
 import io
 import mmap
 import multiprocessing
@@ -395,7 +397,7 @@ def test_a_runs_repeated_saves_reuse_their_buffers(
     mapped: list[int] = []
     real_map = local_files._map
 
-    def counted(size: int) -> mmap.mmap:
+    def counted(size: int) -> local_files._Buffer:
         mapped.append(size)
         return real_map(size)
 
@@ -412,6 +414,40 @@ def test_a_runs_repeated_saves_reuse_their_buffers(
     assert {id(b) for b in empty_pool.kept()} == {id(b) for b in kept}  # ... and gave them back
     loaded = Fabric().load(path)
     assert all(torch.equal(loaded[k], v) for k, v in second.items())
+
+
+def vm_flags_at(address: int) -> list[str]:
+    """The ``VmFlags`` of this process's mapping that holds ``address`` (``/proc/self/smaps``)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(" ", 1)[0]
+        if "-" in head and not head.endswith(":"):
+            start, end = (int(part, 16) for part in head.split("-"))
+            inside = start <= address < end
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc")
+def test_large_buffers_sit_on_huge_page_boundaries_and_ask_for_huge_pages() -> None:
+    """A 4 MiB direct write from 2 MiB pages is two segments, one request to the disk."""
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    large, small = local_files._map(4 << 20), local_files._map(512 << 10)
+    try:
+        for buffer in (large, small):
+            assert len(buffer) == buffer.view.nbytes == buffer.size
+            buffer.view[:] = b"\x01" * buffer.size  # all of it is writable memory
+        start = ctypes.addressof(ctypes.c_char.from_buffer(large.view))
+        assert start % (2 << 20) == 0
+        small_start = ctypes.addressof(ctypes.c_char.from_buffer(small.view))
+        assert "hg" not in vm_flags_at(small_start)  # below one huge page: no advice
+        if thp.exists() and "[never]" not in thp.read_text():
+            assert "hg" in vm_flags_at(start)  # MADV_HUGEPAGE took
+    finally:
+        gc.collect()  # the ctypes anchors above export the views until collected
+        large.close()
+        small.close()
 
 
 def test_the_pool_keeps_two_files_worth(empty_pool: local_files._BufferPool) -> None:
