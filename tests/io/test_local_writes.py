@@ -505,7 +505,7 @@ def test_direct_io_reads_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.delenv("LWCKPT_DIRECT_BUFFER_BYTES", raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     tunables = config._from_env()
-    assert (tunables.direct_buffer_bytes, tunables.piece_buffer_bytes) == (4 << 20, 512 << 10)
+    assert (tunables.direct_buffer_bytes, tunables.piece_buffer_bytes) == (4 << 20, 2 << 20)
     monkeypatch.setenv("LWCKPT_DIRECT_BUFFER_BYTES", "10")  # set: every direct file, rounded up
     tunables = config._from_env()
     assert (tunables.direct_buffer_bytes, tunables.piece_buffer_bytes) == (4096, 4096)

@@ -8,18 +8,11 @@ from lightweight_ckpt import config
 
 
 @pytest.mark.parametrize(
-    ("local_world_size", "parts", "buffer_kib"),
-    [
-        (None, 4, 1024),
-        ("1", 4, 1024),
-        ("2", 2, 512),
-        ("4", 2, 512),
-        ("8", 2, 512),
-        ("not-a-number", 4, 1024),
-    ],
+    ("local_world_size", "parts"),
+    [(None, 4), ("1", 4), ("2", 2), ("4", 2), ("8", 2), ("not-a-number", 4)],
 )
-def test_sharded_pieces_share_parts_and_direct_buffers_among_a_nodes_ranks(
-    monkeypatch: pytest.MonkeyPatch, local_world_size: str | None, parts: int, buffer_kib: int
+def test_sharded_pieces_share_parts_among_a_nodes_ranks_and_get_a_huge_page_each(
+    monkeypatch: pytest.MonkeyPatch, local_world_size: str | None, parts: int
 ) -> None:
     monkeypatch.delenv("LWCKPT_PARTS_IN_FLIGHT", raising=False)
     monkeypatch.delenv("LWCKPT_DIRECT_BUFFER_BYTES", raising=False)
@@ -28,10 +21,9 @@ def test_sharded_pieces_share_parts_and_direct_buffers_among_a_nodes_ranks(
     else:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
     tunables = config._from_env()
-    assert (tunables.piece_parts_in_flight, tunables.piece_buffer_bytes) == (
-        parts,
-        buffer_kib << 10,
-    )
+    # upload parts are shared among the node's ranks; each piece's direct buffers are 2 MiB,
+    # one huge page: a write is one request to the disk however many ranks write at once
+    assert (tunables.piece_parts_in_flight, tunables.piece_buffer_bytes) == (parts, 2 << 20)
     # one rank writing one file (DDP, XLA) keeps all the parts and the single file's buffers
     assert (tunables.parts_in_flight, tunables.direct_buffer_bytes) == (4, 4 << 20)
 
