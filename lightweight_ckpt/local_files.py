@@ -239,7 +239,6 @@ class DirectFile:
         self._behind = WriteBehind(self)  # only used once the file is buffered
         self._size = max(_DIRECT_ALIGN, buffer_bytes - buffer_bytes % _DIRECT_ALIGN)
         self._buffers: list[_Buffer] = []  # allocated as needed: a small file uses one
-        self._views: list[memoryview] = []
         self._writes: list[Future[None] | None] = [None] * _DIRECT_BUFFERS
         self._writer: ThreadPoolExecutor | None = None  # started when a first buffer fills
         self._current = 0  # the buffer being filled
@@ -265,7 +264,7 @@ class DirectFile:
         """Copy ``data`` into the buffers; hand each one that fills up to the writer."""
         source = memoryview(data).cast("B")
         self._unflushed = self._unflushed or len(source) > 0
-        view = self._views[self._current]
+        view = self._buffers[self._current].view
         position = 0
         while position < len(source):
             take = min(len(source) - position, self._size - self._filled)
@@ -284,7 +283,7 @@ class DirectFile:
         self._unflushed = False
         self._wait_all()
         if self._filled:
-            view = self._views[self._current]
+            view = self._buffers[self._current].view
             padded = -(-self._filled // _DIRECT_ALIGN) * _DIRECT_ALIGN
             view[self._filled : padded] = bytes(padded - self._filled)
             self._write_out(view, padded, self._offset)
@@ -323,8 +322,7 @@ class DirectFile:
             pending.result()  # raises the writer's error here, in the caller
         if index == len(self._buffers):
             self._buffers.append(_POOL.take(self._size))
-            self._views.append(self._buffers[index].view)
-        return self._views[index]
+        return self._buffers[index].view
 
     def _hand_over(self) -> None:
         """Queue the full current buffer for writing; move on to the next one."""
@@ -332,7 +330,7 @@ class DirectFile:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="lwckpt-direct-write")
         index = self._current
         self._writes[index] = self._writer.submit(
-            self._write_out, self._views[index], self._size, self._offset
+            self._write_out, self._buffers[index].view, self._size, self._offset
         )
         self._offset += self._size
         self._filled = 0
@@ -368,7 +366,7 @@ class DirectFile:
         # back to the pool for the next file (no write is in flight any more: ``_close`` waited)
         for buffer in self._buffers:
             _POOL.give(buffer)
-        self._views.clear()
+        self._buffers.clear()
 
 
 def _flags(fd: int) -> int:

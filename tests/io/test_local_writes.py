@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import gc
 import io
 import mmap
 import multiprocessing
@@ -445,7 +444,6 @@ def test_large_buffers_sit_on_huge_page_boundaries_and_ask_for_huge_pages() -> N
         if thp.exists() and "[never]" not in thp.read_text():
             assert "hg" in vm_flags_at(start)  # MADV_HUGEPAGE took
     finally:
-        gc.collect()  # the ctypes anchors above export the views until collected
         large.close()
         small.close()
 
