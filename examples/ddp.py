@@ -65,6 +65,7 @@ def main() -> None:
     # still needs the GIL to release a tensor then deadlocks the exit (torch 2.13: about one
     # run in four hung, after all its work was done).
     del model, optimizer, scheduler, state
+    dist.barrier()  # leave together: torch 2.4's gloo can hang destroying a group a peer left
     dist.destroy_process_group()
 
 
