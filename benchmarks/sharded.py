@@ -89,7 +89,8 @@ def build_state(cfg: ModelConfig, device: str = "cpu") -> tuple[Any, Any]:
     """
     import torch
     from torch import nn
-    from torch.distributed.fsdp import fully_shard
+
+    from lightweight_ckpt.compat import fully_shard
 
     torch.manual_seed(SEED)
     layers: list[nn.Module] = []
@@ -112,7 +113,7 @@ def build_state(cfg: ModelConfig, device: str = "cpu") -> tuple[Any, Any]:
 
 def _local(tensor: Any) -> Any:
     """The rank-local part of a DTensor (its storage, so in-place ops change the DTensor)."""
-    from torch.distributed.tensor import DTensor
+    from lightweight_ckpt.compat import DTensor
 
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 

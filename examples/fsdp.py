@@ -18,9 +18,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import fully_shard
 
 from lightweight_ckpt import Fabric
+
+try:
+    from torch.distributed.fsdp import fully_shard
+except ImportError:  # torch < 2.6 kept FSDP2 under torch.distributed._composable
+    from torch.distributed._composable.fsdp import fully_shard
 
 
 def build_model(device: torch.device) -> nn.Module:

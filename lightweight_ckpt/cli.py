@@ -110,10 +110,10 @@ def consolidate(
         if dropped:
             log.warning("%s: XLA FSDP optimizer state %s left out (flattened shards)", src, dropped)
         return nbytes
-    metadata = dcp_dir.read_metadata(source, src_options)
+    metadata = dcp_dir.read_metadata(source)
     tree = dcp_dir.skeleton(metadata)
     tensors = dcp_dir.tensors_of(tree, metadata)
-    dcp_dir.read_values(source, src_options, metadata, tree, weights_only=weights_only)
+    dcp_dir.read_values(source, metadata, tree, weights_only=weights_only)
     by_storage = {t.untyped_storage().data_ptr(): n for n, t in tensors.items() if t.numel()}
 
     total = sum(tensors[n].untyped_storage().nbytes() for n in by_storage.values())
@@ -123,9 +123,7 @@ def consolidate(
         def fill(storage: torch.UntypedStorage) -> None:
             name = by_storage.get(storage.data_ptr())
             if name is not None:
-                dcp_dir.read_items(
-                    source, src_options, {name: tensors[name]}, weights_only, metadata=metadata
-                )
+                dcp_dir.read_items(source, {name: tensors[name]}, weights_only, metadata=metadata)
                 advance(storage.nbytes())
 
         with staged_write(resolve(dst, dst_options)) as sink:
@@ -185,9 +183,9 @@ def inspect_checkpoint(path: str, options: dict[str, Any] | None = None) -> dict
     """Describe a checkpoint without reading tensor data: rows per leaf and totals."""
     location = resolve(path, options)
     if dcp_dir.is_sharded(location):
-        metadata = dcp_dir.read_metadata(location, options)
+        metadata = dcp_dir.read_metadata(location)
         tree = dcp_dir.skeleton(metadata)  # unread tensors: no data is loaded
-        dcp_dir.read_values(location, options, metadata, tree, weights_only=True)
+        dcp_dir.read_values(location, metadata, tree, weights_only=True)
         layout = "sharded"
     else:
         source = open_source(location)
@@ -215,7 +213,7 @@ def verify_checkpoint(
     """
     location = resolve(path, options)
     if dcp_dir.is_sharded(location):
-        problems, checked, what = dcp_dir.verify(location, options)
+        problems, checked, what = dcp_dir.verify(location)
     else:
         source = open_source(location)
         try:

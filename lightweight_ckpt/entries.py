@@ -138,15 +138,15 @@ def _open_sharded(
     path: str, storage_options: StorageOptions | None, weights_only: bool
 ) -> OpenCheckpoint:
     location = resolve(path, storage_options)
-    metadata = dcp_dir.read_metadata(location, storage_options)
-    dcp_dir.require_pieces(location, storage_options, metadata)
+    metadata = dcp_dir.read_metadata(location)
+    dcp_dir.require_pieces(location, metadata)
     tree = dcp_dir.skeleton(metadata)  # allocated, unread: not resident until read
-    dcp_dir.read_values(location, storage_options, metadata, tree, weights_only=weights_only)
+    dcp_dir.read_values(location, metadata, tree, weights_only=weights_only)
     names = {id(tensor): fqn for fqn, tensor in dcp_dir.tensors_of(tree, metadata).items()}
 
     def fill(tensor: torch.Tensor) -> None:
         item = {names[id(tensor)]: tensor}
-        dcp_dir.read_items(location, storage_options, item, weights_only, metadata=metadata)
+        dcp_dir.read_items(location, item, weights_only, metadata=metadata)
 
     return OpenCheckpoint(path, "sharded", tree, fill)
 

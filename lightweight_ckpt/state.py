@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
-from torch.distributed.tensor import DTensor
 
+from lightweight_ckpt.compat import DTensor
 from lightweight_ckpt.errors import MissingKeysError, StateMismatchError
 from lightweight_ckpt.rehearsal import rehearse_module, rehearse_optimizer
 from lightweight_ckpt.shapes import (

@@ -11,6 +11,8 @@ import torch
 import torch._dynamo
 import torch.distributed as dist
 
+from tests.helpers.distributed import FSDP2_NEEDS_CUDA
+
 
 @pytest.fixture(autouse=True)
 def _hygiene() -> Iterator[None]:
@@ -41,3 +43,14 @@ def _clean_memory_fs() -> Iterator[None]:
     MemoryFileSystem.store.clear()
     MemoryFileSystem.pseudo_dirs.clear()
     MemoryFileSystem.pseudo_dirs.append("")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On a torch whose FSDP2 cannot run on the CPU, the FSDP2 cases skip with that reason."""
+    del config
+    if not FSDP2_NEEDS_CUDA:
+        return
+    skip = pytest.mark.skip(reason=FSDP2_NEEDS_CUDA)
+    for item in items:
+        if "fsdp2" in item.nodeid:
+            item.add_marker(skip)

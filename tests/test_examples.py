@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.distributed import FSDP2_NEEDS_CUDA
 from tests.helpers.processes import finish, kill
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,6 +128,7 @@ def _finish_node(proc: subprocess.Popen[str]) -> str:
 
 @pytest.mark.distributed
 @pytest.mark.slow
+@pytest.mark.skipif(bool(FSDP2_NEEDS_CUDA), reason=FSDP2_NEEDS_CUDA)
 def test_fsdp_example_two_nodes_then_resume_at_another_world_size(tmp_path: Path) -> None:
     """Two torchrun launches of 2 processes each, joined by a c10d rendezvous on 127.0.0.1."""
     script = str(ROOT / "examples" / "fsdp.py")

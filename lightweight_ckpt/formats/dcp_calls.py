@@ -15,11 +15,12 @@ import contextlib
 import threading
 import traceback
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
+from lightweight_ckpt.compat import torch_serialization_config
 from lightweight_ckpt.errors import (
     CheckpointError,
     CheckpointWriteError,
@@ -39,19 +40,20 @@ def distributed() -> bool:
 
 @contextlib.contextmanager
 def single_process_ok() -> Iterator[None]:
-    """DCP warns on every call without a process group; one process is a supported case here."""
+    """DCP warns on every call without a process group; one process is a supported case here.
+
+    Also quiet: torch < 2.5's own DCP writer calls ``tensor.storage()``, which warns that
+    ``TypedStorage`` is deprecated (nothing the caller can act on).
+    """
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+        # (torch < 2.5: "torch.distributed is unavailable or uninitialized, ...")
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable")
         # pieces go to a fresh version folder; overwriting is our own commit, by design
         warnings.filterwarnings("ignore", message="Detected an existing checkpoint in")
         yield
 
 
-_torch_serialization: Any
-try:
-    from torch.utils.serialization import config as _torch_serialization
-except ImportError:  # torch < 2.6: no switch
-    _torch_serialization = None
 _CRC_SWITCH = threading.Lock()
 _CRC_WRITERS = [0, True]  # our writes in progress; the setting to restore after the last one
 
@@ -68,7 +70,7 @@ def without_torch_crc32() -> Iterator[None]:
     of our concurrent writes starts and the user's value is put back when the last one ends.
     On torch without the setting (< 2.6) this does nothing.
     """
-    config = _torch_serialization
+    config = torch_serialization_config
     if config is None:
         yield
         return

@@ -42,16 +42,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.filesystem import (
-    CURRENT_DCP_VERSION,
-    _StoragePrefix,
-)
-from torch.distributed.checkpoint.metadata import (
-    Metadata,
-    StorageMeta,
-)
-from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+from torch.distributed.checkpoint.filesystem import FileSystemWriter, _StoragePrefix
 
+from lightweight_ckpt.compat import DCP_VERSION, dcp_save, storage_meta
 from lightweight_ckpt.config import settings
 from lightweight_ckpt.errors import (
     CheckpointNotFoundError,
@@ -77,11 +70,14 @@ from lightweight_ckpt.storage import (
 if TYPE_CHECKING:
     import contextlib
 
+    from torch.distributed.checkpoint.metadata import (
+        Metadata,
+        StorageMeta,
+    )
     from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
     from torch.distributed.checkpoint.storage import WriteResult
     from torch.futures import Future
 
-    from lightweight_ckpt.types import StorageOptions
 
 log = logging.getLogger("lightweight_ckpt")
 
@@ -113,14 +109,16 @@ def is_sharded(location: Location) -> bool:
 class _VersionedWriter(FsspecWriter):
     """DCP's fsspec writer: pieces in ``<version>/`` with checksum records, ``.metadata`` last."""
 
-    def __init__(
-        self, location: Location, version: str, storage_options: StorageOptions | None
-    ) -> None:
+    def __init__(self, location: Location, version: str) -> None:
         # sync_files=False: write_records makes pieces and records durable together, one fsync
         # each; DCP's own would fsync a piece before its record exists (a second journal commit)
         url = location.url
-        super().__init__(url, sync_files=False, overwrite=True, **dict(storage_options or {}))
-        self.fs.fs = location.fs  # the client ``storage`` configured (timeouts), and its caches
+        # FsspecWriter.__init__ would build a client of its own from the URL (and, before torch
+        # 2.6, without the storage options); DCP's fsspec adapter gets the client ``storage``
+        # configured (endpoint, timeouts) and its caches instead.
+        FileSystemWriter.__init__(self, url, sync_files=False, overwrite=True)
+        self.fs = dcp_reader.FsspecAdapter(location.fs)
+        self.path = url
         self._location = location
         self._url = url
         self._remote = not location.is_local
@@ -179,7 +177,7 @@ class _VersionedWriter(FsspecWriter):
 
     def storage_meta(self) -> StorageMeta | None:
         """Mark the checkpoint as checksummed (a missing record is then damage)."""
-        return StorageMeta(
+        return storage_meta(
             checkpoint_id=self.checkpoint_id,
             save_id=self.save_id,
             modules=[dcp_checksums.MARKER],
@@ -187,7 +185,8 @@ class _VersionedWriter(FsspecWriter):
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Publish ``.metadata`` atomically, in one staged write (rank 0)."""
-        metadata.version = CURRENT_DCP_VERSION
+        if DCP_VERSION is not None:
+            metadata.version = DCP_VERSION
         metadata.storage_data = {r.index: r.storage_data for rank in results for r in rank}
         metadata.storage_meta = self.storage_meta()
         target = inside(self._location, posixpath.join(self._url, METADATA))
@@ -205,11 +204,9 @@ def inside(location: Location, url: str) -> Location:
     return Location(location.fs, posixpath.join(location.path, relative), url)
 
 
-def write(
-    checkpoint: dict[str, Any], location: Location, version: str, storage_options: Any
-) -> None:
+def write(checkpoint: dict[str, Any], location: Location, version: str) -> None:
     """Save this rank's piece of ``checkpoint`` (a collective: every rank calls it)."""
-    writer = _VersionedWriter(location, version, storage_options)
+    writer = _VersionedWriter(location, version)
     try:
         with single_process_ok(), without_torch_crc32():
             dcp_save(
@@ -223,7 +220,7 @@ def write(
     dcp_versions.note_committed(location, version)  # DCP returns on every rank after the commit
 
 
-def read_metadata(location: Location, storage_options: Any) -> Metadata:
+def read_metadata(location: Location) -> Metadata:
     """Return the committed checkpoint's DCP metadata.
 
     Raises:
@@ -247,7 +244,7 @@ def read_metadata(location: Location, storage_options: Any) -> Metadata:
             f"{location.url}: is a directory but not a sharded checkpoint (no {METADATA})"
         )
     try:
-        metadata: Metadata = dcp_reader.reader_for(location, storage_options).read_metadata()
+        metadata: Metadata = dcp_reader.reader_for(location).read_metadata()
     except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as err:
         raise CorruptCheckpointError(f"{location.url}: {METADATA} is unreadable: {err}") from err
     dcp_reader.keep_parsed(location, metadata)
@@ -276,9 +273,7 @@ def top_level_keys(metadata: Metadata) -> dict[str, list[str]]:
     return keys
 
 
-def check_pieces(
-    location: Location, storage_options: Any, metadata: Metadata | None = None
-) -> list[str]:
+def check_pieces(location: Location, metadata: Metadata | None = None) -> list[str]:
     """Return problems with the pieces ``.metadata`` names: missing or shorter than needed.
 
     The sizes come from one listing per version folder (retried on transient faults).
@@ -286,7 +281,7 @@ def check_pieces(
     Raises:
         CheckpointReadError: the store failed for good (after retries), or refused access.
     """
-    metadata = metadata or read_metadata(location, storage_options)
+    metadata = metadata or read_metadata(location)
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         end = int(info.offset) + int(info.length)
@@ -320,13 +315,13 @@ def _sizes_in(location: Location, folder: str) -> dict[str, int]:
     }
 
 
-def require_pieces(location: Location, storage_options: Any, metadata: Metadata) -> None:
+def require_pieces(location: Location, metadata: Metadata) -> None:
     """Raise before any data is read if a piece is missing or truncated (no partial loads).
 
     Raises:
         CorruptCheckpointError: naming the path and every damaged piece.
     """
-    problems = check_pieces(location, storage_options, metadata)
+    problems = check_pieces(location, metadata)
     if problems:
         raise CorruptCheckpointError(
             f"{location.url}: damaged sharded checkpoint: {'; '.join(problems)}. "
@@ -334,13 +329,13 @@ def require_pieces(location: Location, storage_options: Any, metadata: Metadata)
         )
 
 
-def verify(location: Location, storage_options: Any) -> tuple[list[str], int, str]:
+def verify(location: Location) -> tuple[list[str], int, str]:
     """Check every piece of a committed checkpoint: sizes, then every stored item's CRC32.
 
     Returns ``(problems, stored items checked, what was checked)``.
     """
-    metadata = read_metadata(location, storage_options)
-    problems = check_pieces(location, storage_options, metadata)
+    metadata = read_metadata(location)
+    problems = check_pieces(location, metadata)
     checked = len(metadata.storage_data or {})
     if not dcp_checksums.is_checksummed(metadata):
         return problems, checked, "sharded: metadata and piece sizes (no checksum records)"

@@ -26,8 +26,8 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import LoadItemType
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
+from lightweight_ckpt.compat import dcp_load
 from lightweight_ckpt.errors import CheckpointError
 from lightweight_ckpt.formats import dcp_reader
 from lightweight_ckpt.formats.dcp_calls import distributed, single_process_ok, translate, translated
@@ -38,14 +38,12 @@ if TYPE_CHECKING:
     from lightweight_ckpt.storage import Location
 
 
-def read(
-    template: dict[str, Any], location: Location, storage_options: Any, weights_only: bool
-) -> None:
+def read(template: dict[str, Any], location: Location, weights_only: bool) -> None:
     """Fill ``template`` in place from the checkpoint (a collective: every rank calls it).
 
     The metadata ``read_metadata`` parsed for this load is not parsed again (local disk).
     """
-    reader = dcp_reader.reader_for(location, storage_options)
+    reader = dcp_reader.reader_for(location)
     reader.known_metadata = dcp_reader.take_parsed(location)
     try:
         with single_process_ok():
@@ -109,9 +107,7 @@ class PlannedRead:
         self._reader.release()
 
 
-def plan_read(
-    template: dict[str, Any], location: Location, storage_options: Any, weights_only: bool
-) -> PlannedRead:
+def plan_read(template: dict[str, Any], location: Location, weights_only: bool) -> PlannedRead:
     """Plan this rank's part of a sharded load of ``template``, with no collective.
 
     DCP's local steps (plan, ``prepare_local_plan``: pin and CRC-check every item this rank
@@ -120,7 +116,7 @@ def plan_read(
     ``read``. Non-tensor values are read now (they may fail under ``weights_only``), into the
     template; nothing the caller owns is written.
     """
-    reader = dcp_reader.reader_for(location, storage_options)
+    reader = dcp_reader.reader_for(location)
     reader.known_metadata = dcp_reader.take_parsed(location)
     planner = dcp_reader.SafeLoadPlanner(location.url, weights_only)
     try:
@@ -178,7 +174,6 @@ def tensors_of(tree: Any, metadata: Metadata) -> dict[str, torch.Tensor]:
 
 def read_items(
     location: Location,
-    storage_options: Any,
     items: dict[str, Any],
     weights_only: bool,
     *,
@@ -189,7 +184,7 @@ def read_items(
     Pass the checkpoint's ``metadata`` when reading item by item: DCP otherwise reads and
     unpickles ``.metadata`` again on every call (90% of a 600-tensor consolidate).
     """
-    reader = dcp_reader.reader_for(location, storage_options)
+    reader = dcp_reader.reader_for(location)
     reader.known_metadata = metadata
     try:
         _load_state_dict(
@@ -206,7 +201,6 @@ def read_items(
 
 def read_values(
     location: Location,
-    storage_options: Any,
     metadata: Metadata,
     tree: dict[str, Any],
     *,
@@ -220,6 +214,6 @@ def read_values(
         if isinstance(item, BytesStorageMetadata)
     ]
     values: dict[str, Any] = dict.fromkeys(names)
-    read_items(location, storage_options, values, weights_only, metadata=metadata)
+    read_items(location, values, weights_only, metadata=metadata)
     for name, value in values.items():
         set_element(tree, mappings.get(name, (name,)), value)

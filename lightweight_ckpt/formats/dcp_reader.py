@@ -16,6 +16,7 @@ DCP unpickles ``.metadata`` with plain ``pickle`` and non-tensor values with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pickle
@@ -25,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.distributed.checkpoint._fsspec_filesystem import FileSystem as FsspecFileSystem
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -33,6 +35,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
 
+from lightweight_ckpt.compat import dcp_metadata_path
 from lightweight_ckpt.config import settings
 from lightweight_ckpt.errors import UnsafeCheckpointError
 from lightweight_ckpt.formats import dcp_checksums, dcp_remote, dcp_versions
@@ -41,6 +44,7 @@ from lightweight_ckpt.storage import call_with_retries
 
 if TYPE_CHECKING:
     import io
+    from collections.abc import Iterator
 
     from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 
@@ -126,7 +130,7 @@ class SafeReader(FileSystemReader):
         """Read ``.metadata`` through the allowlist (unless the caller passed it in)."""
         if self.known_metadata is not None:
             return self.known_metadata
-        path = self._get_metadata_path(kwargs.get("rank"))
+        path = dcp_metadata_path(self, kwargs.get("rank"))
         with self.fs.create_stream(path, "rb") as stream:
             metadata: Metadata = MetadataUnpickler(stream).load()
         storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
@@ -251,6 +255,12 @@ class SafeFsspecReader(SafeReader, FsspecReader):
     its target.
     """
 
+    def __init__(self, location: Location) -> None:
+        # not FsspecReader.__init__: it builds a client of its own from the URL
+        FileSystemReader.__init__(self, location.url)
+        self.fs = FsspecAdapter(location.fs)  # type: ignore[assignment]  # as FsspecReader does
+        self.path = location.url
+
     _fetched: dcp_remote.FetchedItems | None = None
 
     def _items(self) -> dcp_remote.FetchedItems:
@@ -317,15 +327,44 @@ class SafeFsspecReader(SafeReader, FsspecReader):
         dcp_remote.read_item(request, info, data, planner, self.transforms)
 
 
-def reader_for(location: Location, storage_options: Any) -> SafeReader:
-    """DCP's plain file reader on local disk (no fsspec layer), its fsspec reader elsewhere."""
+class FsspecAdapter(FsspecFileSystem):
+    """DCP's fsspec adapter on ``fs``, the client ``storage`` configured, with its caches.
+
+    Every stream opens through ``fs`` (torch < 2.5's adapter opened them with
+    ``fsspec.open(url)``: a default client, without the storage options). A stream written
+    to that fails is removed, as DCP's own does: an object store commits what a closed stream
+    holds.
+    """
+
+    def __init__(self, fs: Any) -> None:
+        super().__init__()
+        self.fs = self.client = fs
+
+    @contextlib.contextmanager
+    def create_stream(self, path: str | os.PathLike[str], mode: str) -> Iterator[Any]:
+        """Open ``path`` through ``fs``."""
+        path = os.fspath(path)
+        with self.client.open(path, mode) as stream:
+            try:
+                yield stream
+            except BaseException:
+                if any(flag in mode for flag in "wa+"):
+                    with contextlib.suppress(Exception):
+                        self.client.rm(path)
+                raise
+
+
+def reader_for(location: Location) -> SafeReader:
+    """DCP's plain file reader on local disk (no fsspec layer), its fsspec reader elsewhere.
+
+    The fsspec reader reads through the client ``storage`` configured (endpoint, credentials,
+    timeouts) and its caches; it never builds one of its own from the URL.
+    """
     reader: SafeReader
     if location.is_local:
         reader = SafeFileSystemReader(location.path)
     else:
-        reader = SafeFsspecReader(location.url, **dict(storage_options or {}))
-        dcp_fs: Any = reader.fs
-        dcp_fs.fs = location.fs  # the client ``storage`` configured (timeouts), and its caches
+        reader = SafeFsspecReader(location)
     reader.location = location
     return reader
 

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch.distributed._shard.sharded_tensor.api import ShardedTensor
 from torch.distributed._shard.sharded_tensor.shard import Shard
-from torch.distributed.tensor import DTensor
+
+from lightweight_ckpt.compat import DTensor
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator

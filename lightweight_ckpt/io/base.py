@@ -276,7 +276,7 @@ class CheckpointIO(ABC):
         A failure on any rank raises on every rank (DCP gathers the errors).
         """
         location = self.locate(path, storage_options)
-        dcp_dir.write(checkpoint, location, version, self.options(storage_options))
+        dcp_dir.write(checkpoint, location, version)
 
     def finish_sharded(
         self, path: StrPath, version: str, storage_options: StorageOptions | None = None
@@ -296,9 +296,9 @@ class CheckpointIO(ABC):
             CheckpointNotFoundError: nothing committed at ``path``.
             CorruptCheckpointError: unreadable metadata, or a missing or truncated piece.
         """
-        location, options = self.locate(path, storage_options), self.options(storage_options)
-        metadata = dcp_dir.read_metadata(location, options)
-        dcp_dir.require_pieces(location, options, metadata)
+        location = self.locate(path, storage_options)
+        metadata = dcp_dir.read_metadata(location)
+        dcp_dir.require_pieces(location, metadata)
         return metadata
 
     def load_sharded(
@@ -311,7 +311,7 @@ class CheckpointIO(ABC):
     ) -> None:
         """Fill ``template`` (sharded or full tensors) in place (every rank calls it)."""
         location = self.locate(path, storage_options)
-        dcp_dir.read(template, location, self.options(storage_options), weights_only is not False)
+        dcp_dir.read(template, location, weights_only is not False)
 
     def open_checkpoint(
         self,

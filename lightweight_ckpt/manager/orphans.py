@@ -122,7 +122,7 @@ def _stale_version(scan: _Scan, folder: str, entries: dict[str, dict[str, Any]])
     metadata_path = posixpath.join(checkpoint, dcp_dir.METADATA)
     if call_with_retries(path, "listing", lambda: root.fs.exists(metadata_path)):
         try:
-            metadata = dcp_dir.read_metadata(location, scan.storage_options)
+            metadata = dcp_dir.read_metadata(location)
         except CheckpointError:
             return None  # damaged: leave it for inspection
         used = {

@@ -29,9 +29,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import FullyShardedDataParallel
-from torch.distributed.tensor import DTensor
 
 from lightweight_ckpt import collectives
+from lightweight_ckpt.compat import DTensor
 from lightweight_ckpt.errors import StateMismatchError
 from lightweight_ckpt.formats.dcp_dir import new_version
 from lightweight_ckpt.strategies import ddp

@@ -115,8 +115,7 @@ def plan(
     io = strategy.checkpoint_io
     if type(io).load_sharded is not CheckpointIO.load_sharded:
         return OpenSharded(tree, restore_plan, None)  # the IO's own read, a collective
-    location, options = io.locate(path, storage_options), io.options(storage_options)
-    planned = plan_read(tree, location, options, weights_only is not False)
+    planned = plan_read(tree, io.locate(path, storage_options), weights_only is not False)
     return OpenSharded(tree, restore_plan, planned)
 
 

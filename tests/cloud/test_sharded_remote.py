@@ -69,7 +69,7 @@ def _load(url: str, options: dict[str, Any], expected: dict[str, Any]) -> dict[s
 
 def _metadata(proxied: Proxied, url: str) -> Metadata:
     options = proxied.store.storage_options
-    return dcp_dir.read_metadata(resolve(url, options), options)
+    return dcp_dir.read_metadata(resolve(url, options))
 
 
 def _piece_gets(proxied: Proxied) -> list[int]:

@@ -23,7 +23,7 @@ from tests.helpers.asserts import (
     snapshot,
     states_equal,
 )
-from tests.helpers.models import Tiny, train_steps
+from tests.helpers.models import Tiny, add_load_pre_hook, train_steps
 
 
 class WithExtraState(nn.Module):
@@ -130,7 +130,7 @@ def test_a_refusing_load_hook_changes_nothing(tmp_path: Path):
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("hook refused")
 
-    target["second"].body.fc2.register_load_state_dict_pre_hook(refuse)
+    add_load_pre_hook(target["second"].body.fc2, refuse)
     before = everything(target)
 
     with pytest.raises(RuntimeError, match="hook refused"):

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lightweight_ckpt import Fabric
 from tests.helpers.asserts import assert_states_differ, assert_states_equal
 from tests.helpers.distributed import run_distributed
+from tests.helpers.models import add_load_pre_hook
 from tests.strategies.test_matrix import build, checkpoint_path, from_rank_zero, reference
 
 pytestmark = pytest.mark.distributed
@@ -58,7 +59,7 @@ def _refused_on_one_rank(
 
     model, optimizer = build(kind, seed=5, steps=1)
     hook = RefuseOnRank(rank=1)
-    _inner(model).register_load_state_dict_pre_hook(hook)
+    add_load_pre_hook(_inner(model), hook)
     objects = {"model": model, "optimizer": optimizer}
     state = {**{key: objects[key] for key in entries}, "step": 0}
     before = _compared(kind, model, optimizer, entries)

@@ -20,11 +20,19 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.torch_version import TorchVersion
 
 from lightweight_ckpt.formats import dcp_versions
 
 TIMEOUT_S = 120.0
 COLLECTIVE_TIMEOUT_S = 60  # a hang in a collective fails the test instead of waiting 30 min
+
+FSDP2_NEEDS_CUDA = (
+    "fully_shard (FSDP2) needs CUDA on torch < 2.6 (2.4 makes CUDA streams unconditionally)"
+    if TorchVersion(torch.__version__) < (2, 6)
+    else ""
+)
+"""Why FSDP2 cannot run on the CPU here, or empty where it can (``scripts/oldest-torch-tests``)."""
 
 
 def _entry(  # noqa: PLR0917 - a Process target takes positional arguments

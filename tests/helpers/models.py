@@ -56,3 +56,12 @@ def fresh_like(state: dict[str, Any], width: int = 8) -> dict[str, Any]:
     other["step"] = 0
     other["hparams"] = {}
     return other
+
+
+def add_load_pre_hook(module: nn.Module, hook: Any) -> None:
+    """``module.register_load_state_dict_pre_hook(hook)``; torch < 2.5 has it only privately."""
+    public = getattr(module, "register_load_state_dict_pre_hook", None)
+    if public is not None:
+        public(hook)
+    else:  # the same call: hook(module, state_dict, prefix, ...)
+        module._register_load_state_dict_pre_hook(hook, with_module=True)

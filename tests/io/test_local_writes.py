@@ -29,9 +29,9 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
-from torch.utils.serialization import config as torch_serialization
 
 from lightweight_ckpt import Fabric, config, local_files
+from lightweight_ckpt.compat import torch_serialization_config as torch_serialization
 from lightweight_ckpt.errors import CheckpointWriteError, CorruptCheckpointError
 from lightweight_ckpt.formats.dcp_calls import without_torch_crc32
 from lightweight_ckpt.io import TorchCheckpointIO
@@ -526,6 +526,12 @@ def item_zip_crcs(path: Path) -> list[int]:
     return crcs
 
 
+crc_switch = pytest.mark.skipif(
+    torch_serialization is None, reason="torch < 2.6 has no switch for torch.save's CRC32s"
+)
+
+
+@crc_switch
 @pytest.mark.parametrize("users_setting", [True, False])
 def test_sharded_items_skip_torchs_own_crc32_and_the_setting_comes_back(
     tmp_path: Path, users_setting: bool
@@ -561,12 +567,14 @@ def check_items_skip_torchs_crc32(tmp_path: Path, users_setting: bool) -> None:
         Fabric().load(tmp_path / "s")
 
 
+@crc_switch
 def test_the_crc32_setting_comes_back_after_a_failed_sharded_save(tmp_path: Path) -> None:
     with pytest.raises(CheckpointWriteError):
         save_sharded(tmp_path / "s", {"a": torch.ones(3), "bad": lambda: None})
     assert torch_serialization.save.compute_crc32 is True
 
 
+@crc_switch
 def test_overlapping_writes_restore_the_setting_only_when_the_last_one_ends() -> None:
     first, second = without_torch_crc32(), without_torch_crc32()
     first.__enter__()

@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
-from torch.distributed.fsdp import fully_shard
 
 from lightweight_ckpt import Fabric, MissingKeysError, StateMismatchError
+from lightweight_ckpt.compat import fully_shard
 from lightweight_ckpt.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 from tests.helpers.asserts import assert_states_differ, assert_states_equal, snapshot
 from tests.helpers.distributed import run_distributed

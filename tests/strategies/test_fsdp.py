@@ -19,9 +19,10 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
 )
-from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from lightweight_ckpt import CheckpointError, Fabric
+from lightweight_ckpt.compat import fully_shard
 from lightweight_ckpt.io import TorchCheckpointIO
 from lightweight_ckpt.strategies import FSDPStrategy
 from tests.helpers.asserts import assert_states_differ, assert_states_equal

@@ -25,10 +25,11 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
 )
-from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.nn.parallel import DistributedDataParallel
 
 from lightweight_ckpt import Fabric
+from lightweight_ckpt.compat import fully_shard
 from lightweight_ckpt.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 from tests.helpers.asserts import assert_states_differ, assert_states_equal, snapshot
 from tests.helpers.distributed import run_distributed

@@ -45,9 +45,9 @@ def test_broadcast_tree_under_nccl(tmp_path: Path) -> None:
 
 
 def _round_trip(rank: int, world_size: int, directory: str) -> None:
-    from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
+    from lightweight_ckpt.compat import fully_shard
     from lightweight_ckpt.strategies import DDPStrategy, FSDPStrategy
     from tests.strategies.test_matrix import mlp, reference
 

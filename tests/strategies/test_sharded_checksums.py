@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.distributed.tensor import DTensor
 
 from lightweight_ckpt import CorruptCheckpointError, Fabric
 from lightweight_ckpt.cli import main as cli_main
+from lightweight_ckpt.compat import DTensor
 from tests.helpers.asserts import assert_states_equal, states_equal
 from tests.helpers.distributed import run_distributed
 from tests.strategies.test_matrix import build, perturb, reference

@@ -273,7 +273,7 @@ def _kill_once_written(piece: Path) -> None:
 
 def _wide_fsdp2() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """One FSDP2 ``Linear(2048, 2048)`` + AdamW after a step: a piece of ~24 MB per rank."""
-    from torch.distributed.fsdp import fully_shard
+    from lightweight_ckpt.compat import fully_shard
 
     torch.manual_seed(0)
     model = fully_shard(torch.nn.Linear(2048, 2048))
