@@ -27,6 +27,11 @@ from lightweight_ckpt.formats import dcp_versions
 TIMEOUT_S = 120.0
 COLLECTIVE_TIMEOUT_S = 60  # a hang in a collective fails the test instead of waiting 30 min
 
+LEAVE_TOGETHER = TorchVersion(torch.__version__) < (2, 5)
+"""Torch 2.4's gloo can hang a rank destroying a group its peer already left: ranks that ran
+their body to the end meet in a barrier first there (not on newer torch, where a test whose peer
+died on purpose would then wait for the collective timeout)."""
+
 FSDP2_NEEDS_CUDA = (
     "fully_shard (FSDP2) needs CUDA on torch < 2.6 (2.4 makes CUDA streams unconditionally)"
     if TorchVersion(torch.__version__) < (2, 6)
@@ -58,6 +63,8 @@ def _entry(  # noqa: PLR0917 - a Process target takes positional arguments
         try:
             body(rank, world_size, *args)
             dcp_versions.at_exit()  # as at a normal exit, which os._exit skips
+            if LEAVE_TOGETHER:
+                dist.barrier()
         finally:
             dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - every failure goes to the parent, then we exit
