@@ -85,18 +85,18 @@ def storage_meta(**fields: Any) -> StorageMeta:
     return meta
 
 
-def zip_writer_without_crc32(sink: IO[bytes]) -> Any | None:
-    """Torch's zip writer with its own CRC32s off, records aligned as ``torch.save`` aligns them.
+def zip_writer(sink: IO[bytes]) -> Any:
+    """Torch's zip writer, records aligned as ``torch.save`` aligns them, its own CRC32s off.
 
-    ``None`` where this torch always computes them (2.4).
+    Torch 2.4's writer takes neither switch: it computes the CRC32s as well.
     """
     alignment = getattr(torch.serialization, "_get_storage_alignment", None)
-    if alignment is None:
-        return None
-    try:
-        return torch._C.PyTorchFileWriter(sink, False, alignment())
-    except TypeError:  # a writer that takes neither switch
-        return None
+    if alignment is not None:
+        try:
+            return torch._C.PyTorchFileWriter(sink, False, alignment())
+        except TypeError:
+            pass
+    return torch._C.PyTorchFileWriter(sink)
 
 
 __all__ = [
@@ -108,5 +108,5 @@ __all__ = [
     "fully_shard",
     "storage_meta",
     "torch_serialization_config",
-    "zip_writer_without_crc32",
+    "zip_writer",
 ]

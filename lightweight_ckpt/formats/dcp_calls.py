@@ -42,12 +42,12 @@ def distributed() -> bool:
 def single_process_ok() -> Iterator[None]:
     """DCP warns on every call without a process group; one process is a supported case here.
 
-    Also quiet: torch < 2.5's own DCP writer calls ``tensor.storage()``, which warns that
+    Also quiet: torch 2.4's own DCP writer calls ``tensor.storage()``, which warns that
     ``TypedStorage`` is deprecated (nothing the caller can act on).
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-        # (torch < 2.5: "torch.distributed is unavailable or uninitialized, ...")
+        # (torch 2.4: "torch.distributed is unavailable or uninitialized, ...")
         warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable")
         # pieces go to a fresh version folder; overwriting is our own commit, by design
         warnings.filterwarnings("ignore", message="Detected an existing checkpoint in")
@@ -68,7 +68,7 @@ def without_torch_crc32() -> Iterator[None]:
     check, and ``torch.load`` (stock DCP readers included) does not read torch's. The setting
     is process-wide (``torch.utils.serialization.config``): it is switched off when the first
     of our concurrent writes starts and the user's value is put back when the last one ends.
-    On torch without the setting (< 2.6) this does nothing.
+    On torch without the setting (2.4) this does nothing.
     """
     config = torch_serialization_config
     if config is None:

@@ -113,8 +113,8 @@ class _VersionedWriter(FsspecWriter):
         # sync_files=False: write_records makes pieces and records durable together, one fsync
         # each; DCP's own would fsync a piece before its record exists (a second journal commit)
         url = location.url
-        # FsspecWriter.__init__ would build a client of its own from the URL (and, before torch
-        # 2.6, without the storage options); DCP's fsspec adapter gets the client ``storage``
+        # FsspecWriter.__init__ would build a client of its own from the URL (on torch 2.4
+        # without the storage options); DCP's fsspec adapter gets the client ``storage``
         # configured (endpoint, timeouts) and its caches instead.
         FileSystemWriter.__init__(self, url, sync_files=False, overwrite=True)
         self.fs = dcp_reader.FsspecAdapter(location.fs)

@@ -330,7 +330,7 @@ class SafeFsspecReader(SafeReader, FsspecReader):
 class FsspecAdapter(FsspecFileSystem):
     """DCP's fsspec adapter on ``fs``, the client ``storage`` configured, with its caches.
 
-    Every stream opens through ``fs`` (torch < 2.5's adapter opened them with
+    Every stream opens through ``fs`` (torch 2.4's adapter opened them with
     ``fsspec.open(url)``: a default client, without the storage options). A stream written
     to that fails is removed, as DCP's own does: an object store commits what a closed stream
     holds.

@@ -16,7 +16,7 @@ from typing import IO, TYPE_CHECKING, Any, cast
 
 import torch
 
-from lightweight_ckpt.compat import zip_writer_without_crc32
+from lightweight_ckpt.compat import zip_writer
 from lightweight_ckpt.formats.torch_file import byte_view
 from lightweight_ckpt.formats.zip_records import CRC_RECORD, OFFSETS_KEY, crc32
 
@@ -133,9 +133,7 @@ def _write_records(
     fill: Callable[[torch.UntypedStorage], None] | None,
 ) -> None:
     tracking = _TrackingSink(sink)
-    writer = zip_writer_without_crc32(cast("IO[bytes]", tracking))
-    if writer is None:  # torch < 2.6 has no CRC switch: it computes the zip's CRCs as well
-        writer = torch._C.PyTorchFileWriter(cast("IO[bytes]", tracking))
+    writer = zip_writer(cast("IO[bytes]", tracking))
     records = _RecordWriter(writer, fill, tracking)
     try:
         torch.serialization._save(  # type: ignore[no-untyped-call]
